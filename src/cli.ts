@@ -1,0 +1,151 @@
+// `vhostd blk ...`: argument parsing, logging, start-up checks and signals.
+import { closeSync, existsSync, mkdirSync, openSync, ftruncateSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { pino, type Logger } from 'pino';
+import yargs from 'yargs';
+import { BlkDevice, MAX_QUEUE_SIZE } from './backends/blk/blk-device.js';
+import { Image } from './backends/blk/image.js';
+import { Server } from './protocol/server.js';
+
+export const DEFAULT_BLK_SOCKET = '/run/vhostd/blk0.sock';
+export const DEFAULT_BLK_IMAGE = '/var/lib/vhostd/default.img';
+export const DEFAULT_IMAGE_SIZE = 1 << 30;
+const LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+
+class UsageError extends Error {}
+
+interface BlkArgs {
+  socket: string;
+  file: string;
+  readonly: boolean;
+  numQueues: number;
+  direct: boolean;
+  serial: string;
+  logicalBlockSize: number;
+  logLevel: string;
+}
+
+export function qemuCommandLine(socket: string, numQueues: number): string {
+  return [
+    'qemu-system-x86_64 -m 1G',
+    '-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem',
+    `-chardev socket,id=c0,path=${socket}`,
+    `-device vhost-user-blk-pci,chardev=c0,num-queues=${numQueues}`,
+  ].join(' ');
+}
+
+/** Create the built-in default image (sparse) the first time it is used. */
+function ensureDefaultImage(path: string, log: Logger): void {
+  if (existsSync(path)) return;
+  mkdirSync(dirname(path), { recursive: true });
+  const fd = openSync(path, 'wx', 0o600);
+  ftruncateSync(fd, DEFAULT_IMAGE_SIZE);
+  closeSync(fd);
+  log.info({ file: path, bytes: DEFAULT_IMAGE_SIZE }, 'created sparse default image');
+}
+
+async function runBlk(args: BlkArgs): Promise<number> {
+  const log = pino({ name: 'vhostd', level: args.logLevel });
+  if (args.file === DEFAULT_BLK_IMAGE) ensureDefaultImage(args.file, log);
+  if (args.socket === DEFAULT_BLK_SOCKET) mkdirSync(dirname(args.socket), { recursive: true });
+
+  let image: Image;
+  try {
+    image = new Image({ path: args.file, readonly: args.readonly, direct: args.direct });
+  } catch (e) {
+    throw new UsageError(`cannot open image ${args.file}: ${(e as Error).message}`);
+  }
+  if (image.size % args.logicalBlockSize) {
+    log.warn({ bytes: image.size, logicalBlockSize: args.logicalBlockSize }, 'image size is not a multiple of the block size; the tail is not visible to the guest');
+  }
+  const device = new BlkDevice(
+    { image, numQueues: args.numQueues, serial: args.serial, logicalBlockSize: args.logicalBlockSize },
+    log,
+  );
+  const server = new Server(args.socket, device, log);
+  try {
+    server.listen();
+  } catch (e) {
+    image.close();
+    throw new UsageError(`cannot listen on ${args.socket}: ${(e as Error).message}`);
+  }
+  log.info(
+    { file: args.file, bytes: image.size, readonly: args.readonly, direct: image.direct, queues: args.numQueues },
+    'vhost-user-blk ready',
+  );
+  process.stdout.write(`# attach with:\n${qemuCommandLine(args.socket, args.numQueues)}\n`);
+
+  const signal = await new Promise<string>((resolve) => {
+    process.once('SIGTERM', () => resolve('SIGTERM'));
+    process.once('SIGINT', () => resolve('SIGINT'));
+  });
+  log.info({ signal }, 'shutting down: draining requests in flight');
+  await server.close();
+  image.close();
+  log.info('stopped');
+  log.flush();
+  return 0;
+}
+
+function positiveInt(name: string, v: number, max: number): number {
+  if (!Number.isInteger(v) || v < 1 || v > max) throw new UsageError(`--${name} must be an integer in 1..${max}, got ${v}`);
+  return v;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  let result = 0;
+  try {
+    await yargs(argv)
+      .scriptName('vhostd')
+      .usage('$0 <command> [options]\n\nvhost-user back-end daemon: QEMU attaches over a Unix socket.')
+      .command(
+        'blk',
+        'Serve a virtio-blk device backed by an image file',
+        (y) =>
+          y
+            .option('socket', { type: 'string', default: DEFAULT_BLK_SOCKET, describe: 'Unix socket path QEMU connects to' })
+            .option('file', { type: 'string', default: DEFAULT_BLK_IMAGE, describe: 'Disk image: a raw file or a block device (the default is created sparse, 1 GiB)' })
+            .option('readonly', { type: 'boolean', default: false, describe: 'Expose the disk read-only' })
+            .option('num-queues', { type: 'number', default: 1, describe: `Request queues (1..64)` })
+            .option('direct', { type: 'boolean', default: false, describe: 'Use O_DIRECT for aligned requests (bypasses the host page cache)' })
+            .option('serial', { type: 'string', default: 'vhostd', describe: 'Serial number returned by GET_ID (at most 20 bytes)' })
+            .option('logical-block-size', { type: 'number', default: 512, describe: 'Logical block size: 512 or 4096' })
+            .option('log-level', { type: 'string', default: 'info', choices: LEVELS, describe: 'pino log level' })
+            .example('$0 blk --socket /run/vhostd/disk0.sock --file /var/lib/images/disk0.img --num-queues 2', '')
+            .check((a) => {
+              positiveInt('num-queues', a['num-queues'], 64);
+              if (a['logical-block-size'] !== 512 && a['logical-block-size'] !== 4096) {
+                throw new UsageError('--logical-block-size must be 512 or 4096');
+              }
+              if (new TextEncoder().encode(a.serial).length > 20) throw new UsageError('--serial must be at most 20 bytes');
+              return true;
+            }),
+        async (a) => {
+          result = await runBlk({
+            socket: a.socket,
+            file: a.file,
+            readonly: a.readonly,
+            numQueues: a['num-queues'],
+            direct: a.direct,
+            serial: a.serial,
+            logicalBlockSize: a['logical-block-size'],
+            logLevel: a['log-level'],
+          });
+        },
+      )
+      .demandCommand(1, 'name a device: vhostd blk --help')
+      .strict()
+      .fail((msg, err) => {
+        throw err ?? new UsageError(msg);
+      })
+      .help()
+      .version()
+      .parseAsync();
+  } catch (e) {
+    process.stderr.write(`vhostd: ${(e as Error).message}\n`);
+    return 2;
+  }
+  return result;
+}
+
+export { MAX_QUEUE_SIZE };

@@ -1,0 +1,34 @@
+// The contract between the vhost-user protocol layer and a device back-end.
+// Back-ends see virtqueues and config space; never sockets or messages.
+import type { VringHandler } from './ring/vring.js';
+import type { Vring } from './ring/vring.js';
+
+export const VIRTIO_F_NOTIFY_ON_EMPTY = 24;
+export const VIRTIO_F_ANY_LAYOUT = 27;
+export const VIRTIO_RING_F_INDIRECT_DESC = 28;
+export const VIRTIO_RING_F_EVENT_IDX = 29;
+export const VIRTIO_F_VERSION_1 = 32;
+
+export interface Device {
+  /** Short name for logs: "blk", "net". */
+  readonly kind: string;
+  readonly numQueues: number;
+  readonly maxQueueSize: number;
+  /** Virtio feature bits offered, device and ring bits together. */
+  readonly features: bigint;
+  /** Protocol feature bits the device itself needs (CONFIG, MTU, RARP, ...). */
+  readonly protocolFeatures: bigint;
+
+  /** The driver's acked features; called before any queue starts. */
+  setFeatures(acked: bigint): void;
+  /** Config space bytes [offset, offset+size); undefined if the range is not readable. */
+  readConfig(offset: number, size: number): Uint8Array | undefined;
+  /** Write config space; returns an error message when the write is refused. */
+  writeConfig(offset: number, data: Uint8Array): string | undefined;
+  /** A queue starts: return who handles its kicks. */
+  startQueue(q: Vring): VringHandler;
+  /** A queue stopped and drained; the device forgets it. */
+  stopQueue(q: Vring): void;
+  /** Back to the state right after construction (front-end gone or reset). */
+  reset(): void;
+}

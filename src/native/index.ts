@@ -1,0 +1,72 @@
+// Typed entry to the N-API module. See vhostd_native.c: syscalls only.
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export interface Native {
+  /** Bind and listen on an AF_UNIX stream socket; throws Error with .code. */
+  listen(path: string, backlog: number): number;
+  /** Accept one connection: fd, or -errno (-EAGAIN when none is pending). */
+  accept(fd: number): number;
+  /** Connect to an AF_UNIX stream socket: fd, or -errno. */
+  connect(path: string): number;
+  /** [bytes or -errno, fd count written to fdsOut, MSG_CTRUNC|MSG_TRUNC bits]. */
+  recvmsg(fd: number, buf: Uint8Array, fdsOut: Int32Array): [number, number, number];
+  /** Bytes sent, or -errno. */
+  sendmsg(fd: number, buf: Uint8Array, fds: number[]): number;
+  /** Call cb on the calling thread's loop whenever fd is ready (1 readable, 2 writable). */
+  watch(fd: number, events: number, cb: (status: number, events: number) => void): WatchHandle;
+  unwatch(handle: WatchHandle): void;
+  eventfd(initval: number, flags: number): number;
+  memfdCreate(name: string, flags: number): number;
+  read(fd: number, buf: ArrayBufferView): number;
+  write(fd: number, buf: ArrayBufferView): number;
+  close(fd: number): number;
+  ioctl(fd: number, request: number | bigint, arg: number | ArrayBufferView): number;
+  mmap(fd: number, length: number | bigint, offset: number | bigint, prot: number): bigint;
+  munmap(address: bigint, length: number | bigint): void;
+  /** ArrayBuffer over [address, address+length); detach() it before munmap(). */
+  view(address: bigint, length: number): ArrayBuffer;
+  detach(buffer: ArrayBuffer): void;
+  address(view: ArrayBufferView): bigint;
+  pageSize(): number;
+  /** fallocate(2): 0 or -errno. */
+  fallocate(fd: number, mode: number, offset: number, length: number): number;
+}
+
+export type WatchHandle = { readonly __brand: 'WatchHandle' };
+
+export const POLL_READABLE = 1;
+export const POLL_WRITABLE = 2;
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const EFD_NONBLOCK = 0o4000;
+export const EFD_CLOEXEC = 0o2000000;
+export const MFD_CLOEXEC = 1;
+export const EAGAIN = 11;
+export const EINTR = 4;
+export const EOPNOTSUPP = 95;
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+function locate(): string {
+  // Works from src/ (tests, tsx) and from dist/ (installed), both two levels below the root.
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 4; i++) {
+    const candidate = join(dir, 'build', 'Release', 'vhostd_native.node');
+    if (existsSync(candidate)) return candidate;
+    dir = dirname(dir);
+  }
+  throw new Error('vhostd native module not built: run `npm ci` (it runs node-gyp) in the vhostd directory');
+}
+
+export const native: Native = createRequire(import.meta.url)(locate()) as Native;
+
+/** Throw a Node-style error for a negative errno returned by a native call. */
+export function errnoError(what: string, negErrno: number): NodeJS.ErrnoException {
+  const err: NodeJS.ErrnoException = new Error(`${what} failed: errno ${-negErrno}`);
+  err.errno = -negErrno;
+  return err;
+}

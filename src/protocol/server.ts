@@ -1,0 +1,100 @@
+// The listening socket. One front-end is served at a time (a device has one
+// driver); when it goes away the device is reset and the next one is accepted.
+import { lstatSync, unlinkSync } from 'node:fs';
+import type { Logger } from 'pino';
+import type { Device } from '../device.js';
+import { native, EAGAIN, POLL_READABLE, type WatchHandle } from '../native/index.js';
+import { Connection } from './connection.js';
+
+export class SocketInUseError extends Error {}
+
+/**
+ * Remove a stale socket left by a crashed process; refuse a live one or
+ * anything that is not a socket.
+ */
+export function claimSocketPath(path: string): void {
+  let st;
+  try {
+    st = lstatSync(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) throw new SocketInUseError(`${path} exists and is not a socket; refusing to replace it`);
+  const fd = native.connect(path);
+  if (fd >= 0) {
+    native.close(fd);
+    throw new SocketInUseError(`${path} is in use: another process is listening on it`);
+  }
+  unlinkSync(path);
+}
+
+export class Server {
+  private listenFd = -1;
+  private watch: WatchHandle | undefined;
+  private ino = 0;
+  private conn: Connection | undefined;
+  private connections = 0;
+  private closing = false;
+
+  constructor(
+    readonly path: string,
+    private readonly device: Device,
+    private readonly log: Logger,
+  ) {}
+
+  listen(): void {
+    claimSocketPath(this.path);
+    this.listenFd = native.listen(this.path, 16);
+    this.ino = lstatSync(this.path).ino;
+    this.watch = native.watch(this.listenFd, POLL_READABLE, () => this.onAccept());
+    this.log.info({ socket: this.path }, 'listening');
+  }
+
+  get active(): Connection | undefined {
+    return this.conn;
+  }
+
+  private onAccept(): void {
+    for (;;) {
+      const fd = native.accept(this.listenFd);
+      if (fd === -EAGAIN) return;
+      if (fd < 0) {
+        this.log.warn({ errno: -fd }, 'accept failed');
+        return;
+      }
+      if (this.conn || this.closing) {
+        this.log.warn('refusing a second front-end: the device already has one');
+        native.close(fd);
+        continue;
+      }
+      const id = ++this.connections;
+      const conn = new Connection(fd, this.device, this.log.child({ conn: id }));
+      this.conn = conn;
+      this.log.info({ conn: id }, 'front-end connected');
+      void conn.done.then(() => {
+        if (this.conn === conn) this.conn = undefined;
+        this.log.info({ conn: id }, 'connection closed; device reset, waiting for the next front-end');
+      });
+    }
+  }
+
+  /** Stop accepting, drain and close the active connection, remove the socket. */
+  async close(): Promise<void> {
+    this.closing = true;
+    if (this.watch) native.unwatch(this.watch);
+    this.watch = undefined;
+    if (this.listenFd >= 0) native.close(this.listenFd);
+    this.listenFd = -1;
+    this.unlinkOwnSocket();
+    if (this.conn) await this.conn.close();
+  }
+
+  private unlinkOwnSocket(): void {
+    try {
+      // Only our own socket: another instance may have replaced it since.
+      if (this.ino && lstatSync(this.path).ino === this.ino) unlinkSync(this.path);
+    } catch {
+      /* already gone */
+    }
+  }
+}

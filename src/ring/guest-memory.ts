@@ -1,0 +1,224 @@
+// Guest memory shared by the front-end as one fd per region.
+//
+// Each region is mapped once, contiguously. JS reaches it through windows:
+// ArrayBuffers of at most WINDOW_SIZE + WINDOW_OVERLAP bytes, because a typed
+// array on Node 20 cannot span 4 GiB. Windows overlap so that any object of at
+// most WINDOW_OVERLAP bytes (rings, descriptor tables, headers) is contiguous
+// in one window; bulk buffers that cross a boundary are split into segments.
+import { fstatSync } from 'node:fs';
+import { native, PROT_READ, PROT_WRITE } from '../native/index.js';
+
+export const WINDOW_SIZE = 2 ** 30;
+export const WINDOW_OVERLAP = 2 ** 21;
+/** Addresses above this cannot be represented exactly as JS numbers. */
+export const MAX_ADDRESS = Number.MAX_SAFE_INTEGER;
+
+export class MemoryError extends Error {}
+
+export interface RegionSpec {
+  guestPhysAddr: bigint;
+  memorySize: bigint;
+  userspaceAddr: bigint;
+  mmapOffset: bigint;
+  fd: number;
+}
+
+export interface Region {
+  readonly gpa: number;
+  readonly size: number;
+  readonly uva: number;
+  readonly mmapOffset: number;
+  readonly fd: number;
+  /** Distance from the start of the mapping to the region's first byte. */
+  readonly skew: number;
+  readonly mapAddress: bigint;
+  readonly mapLength: number;
+  readonly windows: Uint8Array[];
+}
+
+function toSafe(what: string, v: bigint): number {
+  if (v > BigInt(MAX_ADDRESS)) throw new MemoryError(`${what} 0x${v.toString(16)} is beyond 2^53`);
+  return Number(v);
+}
+
+/** A place in guest memory: `bytes` is a window, `offset` the first byte. */
+export interface Place {
+  bytes: Uint8Array;
+  offset: number;
+  /** Contiguous bytes available in `bytes` from `offset`. */
+  avail: number;
+}
+
+export class GuestMemory {
+  private regions: Region[] = [];
+  private generation = 0;
+
+  get regionCount(): number {
+    return this.regions.length;
+  }
+
+  /** Changes whenever the table changes, so cached translations can be invalidated. */
+  get version(): number {
+    return this.generation;
+  }
+
+  list(): readonly Region[] {
+    return this.regions;
+  }
+
+  /** Map a region and take ownership of its fd (closed when the region goes, or on failure). */
+  add(spec: RegionSpec): Region {
+    try {
+      const size = toSafe('region size', spec.memorySize);
+      const gpa = toSafe('guest address', spec.guestPhysAddr);
+      const uva = toSafe('user address', spec.userspaceAddr);
+      const mmapOffset = toSafe('mmap offset', spec.mmapOffset);
+      if (size === 0) throw new MemoryError('region has size 0');
+      if (gpa + size > MAX_ADDRESS || uva + size > MAX_ADDRESS) throw new MemoryError('region wraps the address space');
+      for (const r of this.regions) {
+        if (gpa < r.gpa + r.size && r.gpa < gpa + size) {
+          throw new MemoryError(`region at guest 0x${gpa.toString(16)} overlaps the region at 0x${r.gpa.toString(16)}`);
+        }
+        if (uva < r.uva + r.size && r.uva < uva + size) {
+          throw new MemoryError(`region at user address 0x${uva.toString(16)} overlaps another region`);
+        }
+      }
+      // hugetlbfs needs huge-page alignment; st_blksize reports it (4 KiB for memfd/tmpfs).
+      let align = native.pageSize();
+      try {
+        align = Math.max(align, fstatSync(spec.fd).blksize);
+      } catch {
+        throw new MemoryError(`region fd ${spec.fd} is not a valid file descriptor`);
+      }
+      const mapOffset = Math.floor(mmapOffset / align) * align;
+      const skew = mmapOffset - mapOffset;
+      const mapLength = Math.ceil((size + skew) / align) * align;
+      let mapAddress: bigint;
+      try {
+        mapAddress = native.mmap(spec.fd, mapLength, mapOffset, PROT_READ | PROT_WRITE);
+      } catch (e) {
+        throw new MemoryError(`cannot map region (size ${size}, offset ${mmapOffset}): ${(e as Error).message}`);
+      }
+      const windows: Uint8Array[] = [];
+      for (let start = 0; start < size; start += WINDOW_SIZE) {
+        const len = Math.min(WINDOW_SIZE + WINDOW_OVERLAP, size - start);
+        windows.push(new Uint8Array(native.view(mapAddress + BigInt(skew + start), len)));
+      }
+      const region: Region = { gpa, size, uva, mmapOffset, fd: spec.fd, skew, mapAddress, mapLength, windows };
+      this.regions.push(region);
+      this.generation++;
+      return region;
+    } catch (e) {
+      native.close(spec.fd);
+      throw e;
+    }
+  }
+
+  /** Remove the region matching gpa/size/uva (REM_MEM_REG); returns whether one was found. */
+  remove(spec: { guestPhysAddr: bigint; memorySize: bigint; userspaceAddr: bigint }): boolean {
+    const i = this.regions.findIndex(
+      (r) =>
+        BigInt(r.gpa) === spec.guestPhysAddr &&
+        BigInt(r.size) === spec.memorySize &&
+        BigInt(r.uva) === spec.userspaceAddr,
+    );
+    if (i < 0) return false;
+    const [r] = this.regions.splice(i, 1);
+    this.release(r!);
+    this.generation++;
+    return true;
+  }
+
+  /** Unmap everything and close every fd. Callers must have stopped all I/O into this memory. */
+  clear(): void {
+    for (const r of this.regions) this.release(r);
+    if (this.regions.length) this.generation++;
+    this.regions = [];
+  }
+
+  private release(r: Region): void {
+    for (const w of r.windows) native.detach(w.buffer as ArrayBuffer);
+    r.windows.length = 0;
+    native.munmap(r.mapAddress, r.mapLength);
+    native.close(r.fd);
+  }
+
+  private last: Region | undefined;
+
+  private findGpa(gpa: number): Region | undefined {
+    const l = this.last;
+    if (l && gpa >= l.gpa && gpa < l.gpa + l.size) return l;
+    for (const r of this.regions) {
+      if (gpa >= r.gpa && gpa < r.gpa + r.size) return (this.last = r);
+    }
+    return undefined;
+  }
+
+  private findUva(uva: number): Region | undefined {
+    for (const r of this.regions) {
+      if (uva >= r.uva && uva < r.uva + r.size) return r;
+    }
+    return undefined;
+  }
+
+  private place(r: Region, off: number): Place {
+    const k = Math.floor(off / WINDOW_SIZE);
+    const bytes = r.windows[k]!;
+    const offset = off - k * WINDOW_SIZE;
+    return { bytes, offset, avail: bytes.length - offset };
+  }
+
+  /**
+   * Contiguous view of [gpa, gpa+len) for small objects (len <= WINDOW_OVERLAP).
+   * Returns undefined when the range is not entirely inside one region.
+   */
+  small(gpa: number, len: number): Place | undefined {
+    if (len > WINDOW_OVERLAP) return undefined;
+    const r = this.findGpa(gpa);
+    if (!r || gpa + len > r.gpa + r.size) return undefined;
+    return this.place(r, gpa - r.gpa);
+  }
+
+  /** Same as small(), addressed by front-end virtual address (ring addresses). */
+  smallByUva(uva: number, len: number): Place | undefined {
+    if (len > WINDOW_OVERLAP) return undefined;
+    const r = this.findUva(uva);
+    if (!r || uva + len > r.uva + r.size) return undefined;
+    return this.place(r, uva - r.uva);
+  }
+
+  /** Translate a front-end virtual address to a guest physical one. */
+  uvaToGpa(uva: number): number | undefined {
+    const r = this.findUva(uva);
+    return r ? uva - r.uva + r.gpa : undefined;
+  }
+
+  /**
+   * Append views of [gpa, gpa+len) to `out`, one per contiguous piece. Pieces
+   * split at window and region boundaries. Returns false, appending nothing,
+   * when any byte lies outside guest memory.
+   */
+  segments(gpa: number, len: number, out: Uint8Array[]): boolean {
+    if (len === 0) return true;
+    if (gpa + len > MAX_ADDRESS) return false;
+    const mark = out.length;
+    let addr = gpa;
+    let left = len;
+    while (left > 0) {
+      const r = this.findGpa(addr);
+      if (!r) {
+        out.length = mark;
+        return false;
+      }
+      const off = addr - r.gpa;
+      const k = Math.floor(off / WINDOW_SIZE);
+      const inWin = off - k * WINDOW_SIZE;
+      // Take only up to the window's own end (not the overlap) or the region end.
+      const n = Math.min(left, WINDOW_SIZE - inWin, r.size - off);
+      out.push(r.windows[k]!.subarray(inWin, inWin + n));
+      addr += n;
+      left -= n;
+    }
+    return true;
+  }
+}

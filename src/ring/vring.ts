@@ -1,0 +1,270 @@
+// One virtqueue as the front-end configures it: size, base, addresses, the
+// kick/call/err eventfds and the enable bit. It starts when it has all of
+// them, tells its handler when the driver kicks, counts chains in flight so a
+// stop can wait for them, and signals the driver through the call fd.
+import { native, errnoError, POLL_READABLE, EAGAIN, type WatchHandle } from '../native/index.js';
+import { GuestMemory } from './guest-memory.js';
+import { Chain, ChainError, RingError, SplitRing, type RingAddresses, type RingFeatures } from './split-ring.js';
+
+export interface VringHandler {
+  /** The driver published new chains (or the ring just started). */
+  kick(): void;
+}
+
+export interface VringLogger {
+  error(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+  debug(obj: object, msg: string): void;
+}
+
+/** How long a ring with no kick fd (VRING_NOFD) waits between polls. */
+const POLL_INTERVAL_MS = 1;
+const ONE = new BigUint64Array([1n]);
+
+export class Vring {
+  readonly index: number;
+  size = 0;
+  base = 0;
+  addrs: RingAddresses | undefined;
+  enabled = false;
+  ring: SplitRing | undefined;
+  /** Set when the ring is unusable until the front-end reconfigures it. */
+  failed: string | undefined;
+
+  private kickFd = -1;
+  private callFd = -1;
+  private errFd = -1;
+  private kickWatch: WatchHandle | undefined;
+  private pollTimer: NodeJS.Timeout | undefined;
+  private kickReady = false;
+  private handler: VringHandler | undefined;
+  private features: RingFeatures | undefined;
+  private inflight = 0;
+  private drainWaiters: (() => void)[] = [];
+  private notifyPending = false;
+  private notifyScheduled = false;
+  /** After GET_VRING_BASE nothing is popped and the call fd is never written. */
+  private stopping = false;
+  private readonly scratch = new BigUint64Array(1);
+
+  constructor(
+    index: number,
+    private readonly mem: GuestMemory,
+    private readonly log: VringLogger,
+  ) {
+    this.index = index;
+  }
+
+  get started(): boolean {
+    return this.ring !== undefined;
+  }
+
+  get inFlight(): number {
+    return this.inflight;
+  }
+
+  /** Ready to service: started, enabled and not failed. */
+  get active(): boolean {
+    return this.ring !== undefined && this.enabled && !this.failed && !this.stopping;
+  }
+
+  setKick(fd: number | null): void {
+    this.closeKick();
+    if (fd !== null) this.kickFd = fd;
+    this.kickReady = true;
+  }
+
+  setCall(fd: number | null): void {
+    if (this.callFd >= 0) native.close(this.callFd);
+    this.callFd = fd ?? -1;
+  }
+
+  setErr(fd: number | null): void {
+    if (this.errFd >= 0) native.close(this.errFd);
+    this.errFd = fd ?? -1;
+  }
+
+  /** Whether everything a start needs has arrived. */
+  get configured(): boolean {
+    return this.kickReady && this.size > 0 && this.addrs !== undefined && this.mem.regionCount > 0;
+  }
+
+  /**
+   * Start the ring (on its kick): build the ring views, watch the kick fd and
+   * process once, since the driver may have kicked before we listened.
+   */
+  start(features: RingFeatures, handler: VringHandler): void {
+    this.features = features;
+    this.handler = handler;
+    this.failed = undefined;
+    this.attach();
+  }
+
+  private attach(): void {
+    this.stopWatching();
+    this.stopping = false;
+    try {
+      this.ring = new SplitRing(this.mem, this.size, this.addrs!, this.features!, this.base);
+    } catch (e) {
+      this.ring = undefined;
+      throw e;
+    }
+    if (this.kickFd >= 0) {
+      const fd = this.kickFd;
+      this.kickWatch = native.watch(fd, POLL_READABLE, () => this.onKick(fd));
+    } else {
+      this.pollTimer = setInterval(() => this.handler && this.active && this.handler.kick(), POLL_INTERVAL_MS);
+    }
+    this.schedule();
+  }
+
+  private onKick(fd: number): void {
+    // Drain the eventfd counter; EAGAIN just means another reader got it.
+    const n = native.read(fd, this.scratch);
+    if (n < 0 && n !== -EAGAIN) {
+      this.fail(errnoError('read kick eventfd', n).message);
+      return;
+    }
+    if (this.active) this.handler!.kick();
+  }
+
+  /** Run the handler soon, e.g. at start or when the ring is enabled. */
+  schedule(): void {
+    setImmediate(() => {
+      if (this.active) this.handler!.kick();
+    });
+  }
+
+  /**
+   * Pop the next chain into `chain`. Returns false when there is none or the
+   * ring cannot be serviced. A malformed chain or ring fails the queue.
+   */
+  pop(chain: Chain): boolean {
+    if (!this.active) return false;
+    try {
+      if (!this.ring!.pop(chain)) return false;
+      this.inflight++;
+      return true;
+    } catch (e) {
+      if (e instanceof ChainError || e instanceof RingError) {
+        this.fail(e.message);
+        return false;
+      }
+      throw e;
+    }
+  }
+
+  /** True if more chains arrived while kicks were off: keep going. */
+  rearm(): boolean {
+    return this.active && this.ring!.enableKicks();
+  }
+
+  /** Complete a popped chain. The notification is batched to the end of this loop turn. */
+  complete(head: number, written: number): void {
+    const ring = this.ring;
+    if (!ring || this.inflight === 0) return;
+    ring.push(head, written);
+    this.inflight--;
+    this.notifyPending = true;
+    if (!this.notifyScheduled) {
+      this.notifyScheduled = true;
+      setImmediate(() => this.flushNotify());
+    }
+    if (this.inflight === 0) this.resolveDrain();
+  }
+
+  private flushNotify(): void {
+    this.notifyScheduled = false;
+    if (!this.notifyPending || !this.ring) return;
+    this.notifyPending = false;
+    if (this.callFd >= 0 && this.ring.needsNotify()) this.signalCall();
+  }
+
+  private signalCall(): void {
+    const n = native.write(this.callFd, ONE);
+    if (n < 0 && n !== -EAGAIN) this.log.warn({ queue: this.index, errno: -n }, 'cannot signal call eventfd');
+  }
+
+  /** Mark the queue broken: stop servicing it and tell the front-end through the err fd. */
+  fail(reason: string): void {
+    if (this.failed) return;
+    this.failed = reason;
+    this.log.error({ queue: this.index, reason }, 'virtqueue failed; it stays stopped until the front-end resets it');
+    if (this.errFd >= 0) native.write(this.errFd, ONE);
+  }
+
+  /**
+   * Stop taking chains and wait until those in flight are completed and
+   * signalled. The ring keeps its configuration; resume() continues it.
+   */
+  async quiesce(): Promise<void> {
+    this.stopping = true;
+    this.stopWatching();
+    if (this.inflight > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
+    this.flushNotify();
+    if (this.ring) this.base = this.ring.lastAvail;
+  }
+
+  /** Continue after quiesce(), re-reading the ring through the current memory table. */
+  resume(): void {
+    if (this.ring) this.attach();
+  }
+
+  /**
+   * GET_VRING_BASE: quiesce, then go silent until a new kick fd restarts the
+   * ring. Resolves to the next avail index.
+   */
+  async stop(): Promise<number> {
+    await this.quiesce();
+    this.ring = undefined;
+    this.handler = undefined;
+    this.kickReady = false;
+    return this.base;
+  }
+
+  /**
+   * Forget chains in flight without completing them (the front-end is gone,
+   * so nobody can read the used ring any more).
+   */
+  abandon(): void {
+    this.inflight = 0;
+    this.resolveDrain();
+  }
+
+  private resolveDrain(): void {
+    const waiters = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  private stopWatching(): void {
+    if (this.kickWatch) native.unwatch(this.kickWatch);
+    this.kickWatch = undefined;
+    if (this.pollTimer) clearInterval(this.pollTimer);
+    this.pollTimer = undefined;
+  }
+
+  private closeKick(): void {
+    this.stopWatching();
+    if (this.kickFd >= 0) native.close(this.kickFd);
+    this.kickFd = -1;
+    this.kickReady = false;
+  }
+
+  /** Release every fd and return to the initial state. */
+  reset(): void {
+    this.stopping = true;
+    this.closeKick();
+    this.setCall(null);
+    this.setErr(null);
+    this.ring = undefined;
+    this.handler = undefined;
+    this.size = 0;
+    this.base = 0;
+    this.addrs = undefined;
+    this.enabled = false;
+    this.failed = undefined;
+    this.stopping = false;
+    this.notifyPending = false;
+  }
+}
