@@ -21,7 +21,7 @@ export class ChainError extends Error {}
 
 export const u16 = (v: number): number => v & 0xffff;
 
-/** VIRTIO 1.x "vring_need_event": notify when event lies in (old, new]. */
+/** VIRTIO 1.x "vring_need_event": notify when the driver's event index lies in [old, new). */
 export function needEvent(event: number, newIdx: number, oldIdx: number): boolean {
   return u16(newIdx - event - 1) < u16(newIdx - oldIdx);
 }
