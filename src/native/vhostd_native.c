@@ -262,16 +262,23 @@ static napi_value js_sendmsg(napi_env env, napi_callback_info info) {
 
 // ---- fd readiness on the calling thread's libuv loop ----
 
+// A watcher has two owners: libuv (until the close callback runs) and the JS
+// handle (until it is garbage collected). Whichever lets go last frees it.
 typedef struct {
   uv_poll_t poll;
   napi_env env;
   napi_ref callback;
-  napi_ref self;
   napi_async_context ctx;
   int closed;
+  int close_done;
+  int finalized;
 } watcher_t;
 
-static void watcher_free(uv_handle_t *h) { free(h->data); }
+static void watcher_free(uv_handle_t *h) {
+  watcher_t *w = (watcher_t *)h->data;
+  w->close_done = 1;
+  if (w->finalized) free(w);
+}
 
 static void watcher_close(watcher_t *w) {
   if (w->closed) return;
@@ -279,7 +286,6 @@ static void watcher_close(watcher_t *w) {
   uv_poll_stop(&w->poll);
   napi_delete_reference(w->env, w->callback);
   napi_async_destroy(w->env, w->ctx);
-  w->poll.data = w;
   uv_close((uv_handle_t *)&w->poll, watcher_free);
 }
 
@@ -305,12 +311,14 @@ static void watcher_cb(uv_poll_t *h, int status, int events) {
 }
 
 static void watcher_finalize(napi_env env, void *data, void *hint) {
-  (void)env;
   (void)hint;
   watcher_t *w = (watcher_t *)data;
+  w->finalized = 1;
   if (!w->closed) {
     napi_remove_env_cleanup_hook(env, watcher_env_cleanup, w);
     watcher_close(w);
+  } else if (w->close_done) {
+    free(w);
   }
 }
 
@@ -337,6 +345,7 @@ static napi_value js_watch(napi_env env, napi_callback_info info) {
   napi_create_reference(env, argv[2], 1, &w->callback);
   rc = uv_poll_start(&w->poll, events, watcher_cb);
   if (rc < 0) {
+    w->finalized = 1; // no JS handle will ever own it
     watcher_close(w);
     return throw_errno(env, "uv_poll_start", -rc);
   }

@@ -1,0 +1,61 @@
+// Back-end processes for end-to-end tests: vhostd itself (built dist/) and
+// qemu-storage-daemon as the peer. Both are always stopped, even on failure.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { waitForPath } from './guest.js';
+
+export const DAEMON = fileURLToPath(new URL('../../dist/daemon.js', import.meta.url));
+
+export interface Backend {
+  socket: string;
+  pid: number;
+  /** Everything the process wrote so far (pino JSON lines for vhostd). */
+  output(): string;
+  /** SIGTERM, then SIGKILL after a grace period; resolves to the exit code. */
+  stop(): Promise<number | null>;
+  exited: Promise<number | null>;
+}
+
+function launch(cmd: string, args: string[], socket: string): Promise<Backend> {
+  const child: ChildProcess = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (out += d));
+  const exited = new Promise<number | null>((resolve) => child.once('close', (code) => resolve(code)));
+  const stop = async (): Promise<number | null> => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM');
+      const t = setTimeout(() => child.kill('SIGKILL'), 10_000);
+      const code = await exited;
+      clearTimeout(t);
+      return code;
+    }
+    return exited;
+  };
+  const early = exited.then((code) => {
+    throw new Error(`${cmd} exited early (${code}):\n${out}`);
+  });
+  return Promise.race([waitForPath(socket, 30_000), early]).then(
+    () => ({ socket, pid: child.pid!, output: () => out, stop, exited }),
+    async (e: unknown) => {
+      await stop();
+      throw e;
+    },
+  );
+}
+
+export function startVhostd(args: string[], socket: string): Promise<Backend> {
+  return launch(process.execPath, [DAEMON, 'blk', '--socket', socket, ...args], socket);
+}
+
+export function startStorageDaemon(image: string, socket: string, numQueues = 1): Promise<Backend> {
+  return launch(
+    'qemu-storage-daemon',
+    [
+      '--blockdev', `driver=file,node-name=f0,filename=${image},cache.direct=off`,
+      '--export',
+      `type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=${socket},writable=on,num-queues=${numQueues}`,
+    ],
+    socket,
+  );
+}
