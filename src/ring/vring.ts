@@ -222,15 +222,6 @@ export class Vring {
     return this.base;
   }
 
-  /**
-   * Forget chains in flight without completing them (the front-end is gone,
-   * so nobody can read the used ring any more).
-   */
-  abandon(): void {
-    this.inflight = 0;
-    this.resolveDrain();
-  }
-
   private resolveDrain(): void {
     const waiters = this.drainWaiters;
     this.drainWaiters = [];

@@ -78,7 +78,12 @@ echo "@@LBS=$(cat /sys/block/vda/queue/logical_block_size)"
 echo "@@QUEUES=$(ls /sys/block/vda/mq | wc -l)"
 echo "@@SERIAL=$(cat /sys/block/vda/serial)"
 echo "@@WCACHE=$(cat /sys/block/vda/queue/write_cache)"
+# Write-through (SET_CONFIG of the writeback byte): fio runs with durable writes.
+echo "write through" > /sys/block/vda/cache_type || exit 9
+echo "@@CACHE_WT=$(cat /sys/block/vda/cache_type)"
 ${FIO_VERIFY}
+echo "write back" > /sys/block/vda/cache_type || exit 10
+echo "@@CACHE_WB=$(cat /sys/block/vda/cache_type)"
 dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null
 dd if=/tmp/pattern of=/dev/vda bs=1M seek=${PATTERN_OFFSET_MIB} conv=fsync 2>/dev/null || exit 13
 echo 3 > /proc/sys/vm/drop_caches
@@ -104,6 +109,9 @@ umount /mnt
       expect(m.QUEUES).toBe('2');
       expect(m.SERIAL).toBe('vhostd-e2e-1');
       expect(m.WCACHE).toBe('write back');
+      expect(m.CACHE_WT).toBe('write through');
+      expect(m.CACHE_WB).toBe('write back');
+      expect(daemon!.output()).toMatch(/"writeback":false,"msg":"cache mode changed by the driver"/);
       expect(m.FIO_WRITE_ERR).toBe('0');
       expect(m.FIO_VERIFY_ERR).toBe('0');
       expect(m.READBACK_MD5).toBe(m.PATTERN_MD5);

@@ -57,3 +57,28 @@ describe('native module', () => {
     }
   });
 });
+
+describe('native module in a worker thread', () => {
+  it('loads and delivers fd readiness on the worker\'s own event loop', async () => {
+    const { Worker } = await import('node:worker_threads');
+    const code = `
+      const { parentPort } = require('node:worker_threads');
+      const n = require(${JSON.stringify(addon)});
+      const e = n.eventfd(0, ${EFD_NONBLOCK});
+      const h = n.watch(e, 1, () => {
+        const v = new BigUint64Array(1);
+        n.read(e, v);
+        n.unwatch(h);
+        n.close(e);
+        parentPort.postMessage(Number(v[0]));
+      });
+      n.write(e, new BigUint64Array([42n]));`;
+    const w = new Worker(code, { eval: true });
+    const got = await new Promise<number>((resolve, reject) => {
+      w.once('message', resolve);
+      w.once('error', reject);
+    });
+    await w.terminate();
+    expect(got).toBe(42);
+  });
+});
