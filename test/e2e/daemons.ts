@@ -16,7 +16,7 @@ export interface Backend {
   exited: Promise<number | null>;
 }
 
-function launch(cmd: string, args: string[], socket: string): Promise<Backend> {
+function launch(cmd: string, args: string[], socket: string, ready?: RegExp): Promise<Backend> {
   const child: ChildProcess = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
@@ -35,7 +35,8 @@ function launch(cmd: string, args: string[], socket: string): Promise<Backend> {
   const early = exited.then((code) => {
     throw new Error(`${cmd} exited early (${code}):\n${out}`);
   });
-  return Promise.race([waitForPath(socket, 30_000), early]).then(
+  const up = ready ? waitForOutput(() => out, ready, 30_000) : waitForPath(socket, 30_000);
+  return Promise.race([up, early]).then(
     () => ({ socket, pid: child.pid!, output: () => out, stop, exited }),
     async (e: unknown) => {
       await stop();
@@ -44,8 +45,17 @@ function launch(cmd: string, args: string[], socket: string): Promise<Backend> {
   );
 }
 
+async function waitForOutput(out: () => string, re: RegExp, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!re.test(out())) {
+    if (Date.now() > deadline) throw new Error(`no ${re} within ${timeoutMs} ms:\n${out()}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Starts `vhostd blk`; resolves once it logs that it is listening (a stale socket file may predate it). */
 export function startVhostd(args: string[], socket: string): Promise<Backend> {
-  return launch(process.execPath, [DAEMON, 'blk', '--socket', socket, ...args], socket);
+  return launch(process.execPath, [DAEMON, 'blk', '--socket', socket, ...args], socket, /"msg":"vhost-user-blk ready"/);
 }
 
 export function startStorageDaemon(image: string, socket: string, numQueues = 1): Promise<Backend> {

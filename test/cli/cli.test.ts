@@ -1,0 +1,106 @@
+// The command line as a user meets it: errors are one clear line and exit 2,
+// no socket is left behind, stale sockets are replaced, live ones refused.
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, lstatSync, mkdtempSync, readFileSync, rmSync, writeFileSync, truncateSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { native } from '../../src/native/index.js';
+import { DAEMON, startVhostd } from '../e2e/daemons.js';
+
+let dir: string;
+let image: string;
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'vhostd-cli-'));
+  image = join(dir, 'disk.img');
+  writeFileSync(image, '');
+  truncateSync(image, 16 << 20);
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function vhostd(...args: string[]): { status: number | null; stderr: string; stdout: string } {
+  const r = spawnSync(process.execPath, [DAEMON, ...args], { encoding: 'utf8', timeout: 30_000 });
+  return { status: r.status, stderr: r.stderr, stdout: r.stdout };
+}
+
+describe('vhostd CLI', () => {
+  it('prints help for blk', () => {
+    const r = vhostd('blk', '--help');
+    expect(r.status).toBe(0);
+    for (const opt of ['--socket', '--file', '--readonly', '--num-queues', '--direct', '--serial', '--logical-block-size', '--log-level']) {
+      expect(r.stdout).toContain(opt);
+    }
+  });
+
+  it.each([
+    [['blk', '--num-queues', '0'], /--num-queues must be an integer in 1\.\.64/],
+    [['blk', '--num-queues', 'two'], /--num-queues/],
+    [['blk', '--logical-block-size', '1024'], /--logical-block-size must be 512 or 4096/],
+    [['blk', '--serial', 'x'.repeat(21)], /--serial must be at most 20 bytes/],
+    [['blk', '--bogus'], /Unknown argument: bogus/],
+    [['frobnicate'], /Unknown arguments?: .*frobnicate/],
+    [[], /name a device/],
+  ])('rejects %j with one clear line and exit 2', (args, re) => {
+    const sock = join(dir, 'never.sock');
+    const r = vhostd(...args, ...(args.length ? ['--socket', sock] : []));
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(re);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(existsSync(sock)).toBe(false);
+  });
+
+  it('reports a missing image and leaves no socket', () => {
+    const sock = join(dir, 'missing.sock');
+    const r = vhostd('blk', '--socket', sock, '--file', join(dir, 'nope.img'));
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/cannot open image .*nope\.img: ENOENT/);
+    expect(existsSync(sock)).toBe(false);
+  });
+
+  it('refuses a socket path that a live daemon owns, and the live one keeps serving', async () => {
+    const sock = join(dir, 'busy.sock');
+    const first = await startVhostd(['--file', image], sock);
+    try {
+      const r = vhostd('blk', '--socket', sock, '--file', image);
+      expect(r.status).toBe(2);
+      expect(r.stderr).toMatch(/is in use: another process is listening on it/);
+      const fd = native.connect(sock);
+      expect(fd).toBeGreaterThanOrEqual(0);
+      native.close(fd);
+    } finally {
+      expect(await first.stop()).toBe(0);
+    }
+    expect(existsSync(sock)).toBe(false); // removed on clean exit
+  });
+
+  it('replaces a stale socket left by a crashed daemon', async () => {
+    const sock = join(dir, 'stale.sock');
+    const fd = native.listen(sock, 1);
+    native.close(fd); // socket file remains, nobody listens
+    expect(lstatSync(sock).isSocket()).toBe(true);
+    const d = await startVhostd(['--file', image], sock);
+    expect(await d.stop()).toBe(0);
+  });
+
+  it('refuses to replace a file that is not a socket', () => {
+    const path = join(dir, 'not-a-socket');
+    writeFileSync(path, 'keep me');
+    const r = vhostd('blk', '--socket', path, '--file', image);
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/exists and is not a socket/);
+    expect(readFileSync(path, 'utf8')).toBe('keep me');
+  });
+
+  it('exits 0 on SIGINT and SIGTERM and removes its socket', async () => {
+    for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+      const sock = join(dir, `sig-${sig}.sock`);
+      const child = spawn(process.execPath, [DAEMON, 'blk', '--socket', sock, '--file', image], { stdio: 'ignore' });
+      for (let i = 0; i < 200 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
+      expect(existsSync(sock)).toBe(true);
+      const code = new Promise<number | null>((r) => child.once('close', r));
+      child.kill(sig);
+      expect(await code).toBe(0);
+      expect(existsSync(sock)).toBe(false);
+    }
+  });
+});
