@@ -5,11 +5,16 @@ import { pino, type Logger } from 'pino';
 import yargs from 'yargs';
 import { BlkDevice, MAX_QUEUE_SIZE } from './backends/blk/blk-device.js';
 import { Image } from './backends/blk/image.js';
+import { NetDevice } from './backends/net/net-device.js';
+import { Tap } from './backends/net/tap.js';
+import type { Device } from './device.js';
 import { Server } from './protocol/server.js';
 
 export const DEFAULT_BLK_SOCKET = '/run/vhostd/blk0.sock';
 export const DEFAULT_BLK_IMAGE = '/var/lib/vhostd/default.img';
 export const DEFAULT_IMAGE_SIZE = 1 << 30;
+export const DEFAULT_NET_SOCKET = '/run/vhostd/net0.sock';
+export const DEFAULT_TAP = 'vhostd0';
 const LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
 class UsageError extends Error {}
@@ -32,6 +37,42 @@ export function qemuCommandLine(socket: string, numQueues: number): string {
     `-chardev socket,id=c0,path=${socket}`,
     `-device vhost-user-blk-pci,chardev=c0,num-queues=${numQueues}`,
   ].join(' ');
+}
+
+export function qemuNetCommandLine(socket: string, pairs: number, mtu?: number): string {
+  const dev = ['virtio-net-pci,netdev=n0'];
+  if (pairs > 1) dev.push(`mq=on,vectors=${2 * pairs + 2}`);
+  if (mtu) dev.push(`host_mtu=${mtu}`);
+  return [
+    'qemu-system-x86_64 -m 1G',
+    '-object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem',
+    `-chardev socket,id=c0,path=${socket}`,
+    `-netdev vhost-user,id=n0,chardev=c0,queues=${pairs}`,
+    `-device ${dev.join(',')}`,
+  ].join(' ');
+}
+
+/** Listen, print how to attach, serve until SIGTERM/SIGINT, then drain and release. */
+async function serve(device: Device, socket: string, log: Logger, attach: string, release: () => void): Promise<number> {
+  const server = new Server(socket, device, log);
+  try {
+    server.listen();
+  } catch (e) {
+    release();
+    throw new UsageError(`cannot listen on ${socket}: ${(e as Error).message}`);
+  }
+  log.info({ socket, queues: device.queueNum }, `vhost-user-${device.kind} ready`);
+  process.stdout.write(`# attach with:\n${attach}\n`);
+  const signal = await new Promise<string>((resolve) => {
+    process.once('SIGTERM', () => resolve('SIGTERM'));
+    process.once('SIGINT', () => resolve('SIGINT'));
+  });
+  log.info({ signal }, 'shutting down: draining requests in flight');
+  await server.close();
+  release();
+  log.info('stopped');
+  log.flush();
+  return 0;
 }
 
 /** Create the built-in default image (sparse) the first time it is used. */
@@ -62,29 +103,43 @@ async function runBlk(args: BlkArgs): Promise<number> {
     { image, numQueues: args.numQueues, serial: args.serial, logicalBlockSize: args.logicalBlockSize },
     log,
   );
-  const server = new Server(args.socket, device, log);
-  try {
-    server.listen();
-  } catch (e) {
-    image.close();
-    throw new UsageError(`cannot listen on ${args.socket}: ${(e as Error).message}`);
-  }
-  log.info(
-    { file: args.file, bytes: image.size, readonly: args.readonly, direct: image.direct, queues: args.numQueues },
-    'vhost-user-blk ready',
-  );
-  process.stdout.write(`# attach with:\n${qemuCommandLine(args.socket, args.numQueues)}\n`);
+  log.info({ file: args.file, bytes: image.size, readonly: args.readonly, direct: image.direct }, 'image opened');
+  return serve(device, args.socket, log, qemuCommandLine(args.socket, args.numQueues), () => image.close());
+}
 
-  const signal = await new Promise<string>((resolve) => {
-    process.once('SIGTERM', () => resolve('SIGTERM'));
-    process.once('SIGINT', () => resolve('SIGINT'));
+interface NetArgs {
+  socket: string;
+  tap: string;
+  persist: boolean;
+  numQueues: number;
+  mtu: number | undefined;
+  logLevel: string;
+}
+
+async function runNet(args: NetArgs): Promise<number> {
+  const log = pino({ name: 'vhostd', level: args.logLevel });
+  if (args.socket === DEFAULT_NET_SOCKET) mkdirSync(dirname(args.socket), { recursive: true });
+  let tap: Tap;
+  try {
+    tap = new Tap({ name: args.tap, queues: args.numQueues, persist: args.persist });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  if (tap.created) {
+    try {
+      tap.up();
+      if (args.mtu) tap.setMtu(args.mtu);
+    } catch (e) {
+      tap.close();
+      throw new UsageError((e as Error).message);
+    }
+  }
+  log.info({ tap: tap.name, created: tap.created, persist: args.persist, queuePairs: args.numQueues }, 'tap opened');
+  const device = new NetDevice({ tap, queuePairs: args.numQueues, mtu: args.mtu }, log);
+  return serve(device, args.socket, log, qemuNetCommandLine(args.socket, args.numQueues, args.mtu), () => {
+    log.info({ stats: device.stats }, 'traffic totals');
+    tap.close();
   });
-  log.info({ signal }, 'shutting down: draining requests in flight');
-  await server.close();
-  image.close();
-  log.info('stopped');
-  log.flush();
-  return 0;
 }
 
 function positiveInt(name: string, v: number, max: number): number {
@@ -133,7 +188,37 @@ export async function main(argv: string[]): Promise<number> {
           });
         },
       )
-      .demandCommand(1, 'name a device: vhostd blk --help')
+      .command(
+        'net',
+        'Serve a virtio-net device backed by a tap interface',
+        (y) =>
+          y
+            .option('socket', { type: 'string', default: DEFAULT_NET_SOCKET, describe: 'Unix socket path QEMU connects to' })
+            .option('tap', { type: 'string', default: DEFAULT_TAP, describe: 'Tap interface: attached if it exists, else created (and brought up)' })
+            .option('persist', { type: 'boolean', default: false, describe: 'Keep a tap that vhostd created after it exits' })
+            .option('num-queues', { type: 'number', default: 1, describe: 'Queue pairs (1..16); more than one opens the tap multi-queue' })
+            .option('mtu', { type: 'number', describe: 'Offer VIRTIO_NET_F_MTU with this maximum (68..65535); QEMU needs host_mtu=' })
+            .option('log-level', { type: 'string', default: 'info', choices: LEVELS, describe: 'pino log level' })
+            .example('$0 net --socket /run/vhostd/net0.sock --tap tap0 --num-queues 2', '')
+            .check((a) => {
+              positiveInt('num-queues', a['num-queues'], 16);
+              if (a.mtu !== undefined && (!Number.isInteger(a.mtu) || a.mtu < 68 || a.mtu > 65535)) {
+                throw new UsageError('--mtu must be an integer in 68..65535');
+              }
+              return true;
+            }),
+        async (a) => {
+          result = await runNet({
+            socket: a.socket,
+            tap: a.tap,
+            persist: a.persist,
+            numQueues: a['num-queues'],
+            mtu: a.mtu,
+            logLevel: a['log-level'],
+          });
+        },
+      )
+      .demandCommand(1, 'name a device: vhostd blk --help, vhostd net --help')
       .strict()
       .fail((msg, err) => {
         throw err ?? new UsageError(msg);

@@ -12,7 +12,10 @@ export const VIRTIO_F_VERSION_1 = 32;
 export interface Device {
   /** Short name for logs: "blk", "net". */
   readonly kind: string;
+  /** Virtqueues the front-end may configure. */
   readonly numQueues: number;
+  /** What GET_QUEUE_NUM reports: queues for blk, queue pairs for net. */
+  readonly queueNum: number;
   readonly maxQueueSize: number;
   /** Virtio feature bits offered, device and ring bits together. */
   readonly features: bigint;
@@ -31,4 +34,8 @@ export interface Device {
   stopQueue(q: Vring): void;
   /** Back to the state right after construction (front-end gone or reset). */
   reset(): void;
+  /** NET_SET_MTU; returns an error message when the MTU is refused. */
+  setMtu?(mtu: number): string | undefined;
+  /** SEND_RARP: announce the guest's MAC after migration. */
+  sendRarp?(mac: Uint8Array): void;
 }

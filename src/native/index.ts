@@ -18,6 +18,8 @@ export interface Native {
   /** Call cb on the calling thread's loop whenever fd is ready (1 readable, 2 writable). */
   watch(fd: number, events: number, cb: (status: number, events: number) => void): WatchHandle;
   unwatch(handle: WatchHandle): void;
+  /** Change what a watcher waits for (POLL_READABLE | POLL_WRITABLE); 0 pauses it. */
+  setEvents(handle: WatchHandle, events: number): void;
   eventfd(initval: number, flags: number): number;
   memfdCreate(name: string, flags: number): number;
   read(fd: number, buf: ArrayBufferView): number;
@@ -33,6 +35,11 @@ export interface Native {
   pageSize(): number;
   /** fallocate(2): 0 or -errno. */
   fallocate(fd: number, mode: number, offset: number, length: number): number;
+  /** Synchronous vectored I/O for non-blocking fds: bytes, or -errno. */
+  readv(fd: number, views: ArrayBufferView[]): number;
+  writev(fd: number, views: ArrayBufferView[]): number;
+  /** socket(2), close-on-exec; throws on failure. */
+  socket(domain: number, type: number, protocol: number): number;
 }
 
 export type WatchHandle = { readonly __brand: 'WatchHandle' };

@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <node_api.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -355,6 +356,19 @@ static napi_value js_watch(napi_env env, napi_callback_info info) {
   return handle;
 }
 
+// setEvents(handle, events): change what a watcher waits for; 0 pauses it.
+static napi_value js_set_events(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t events;
+  if (get_args(env, info, 2, argv) || get_i32(env, argv[1], &events)) return NULL;
+  watcher_t *w;
+  CHECK(napi_get_value_external(env, argv[0], (void **)&w));
+  if (w->closed) return NULL;
+  int rc = events ? uv_poll_start(&w->poll, events, watcher_cb) : uv_poll_stop(&w->poll);
+  if (rc < 0) return throw_errno(env, "uv_poll_start", -rc);
+  return NULL;
+}
+
 static napi_value js_unwatch(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   if (get_args(env, info, 1, argv)) return NULL;
@@ -409,6 +423,49 @@ static napi_value js_write(napi_env env, napi_callback_info info) {
   if (get_args(env, info, 2, argv) || get_i32(env, argv[0], &fd) || get_bytes(env, argv[1], &data, &len)) return NULL;
   ssize_t n = write(fd, data, len);
   return make_int(env, n < 0 ? -errno : n);
+}
+
+// readv(fd, views[]) / writev(fd, views[]) -> bytes or -errno. Synchronous:
+// for non-blocking fds (taps) where a thread-pool round trip costs more than the call.
+static napi_value vector_io(napi_env env, napi_callback_info info, int is_write) {
+  napi_value argv[2];
+  int32_t fd;
+  if (get_args(env, info, 2, argv) || get_i32(env, argv[0], &fd)) return NULL;
+  uint32_t n = 0;
+  if (napi_get_array_length(env, argv[1], &n) != napi_ok || n > IOV_MAX) {
+    napi_throw_range_error(env, NULL, "vhostd_native: expected an array of at most IOV_MAX views");
+    return NULL;
+  }
+  struct iovec stack[64];
+  struct iovec *iov = n <= 64 ? stack : malloc(n * sizeof *iov);
+  if (!iov) return throw_errno(env, "readv/writev", ENOMEM);
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value e;
+    napi_get_element(env, argv[1], i, &e);
+    if (get_bytes(env, e, &iov[i].iov_base, &iov[i].iov_len)) {
+      if (iov != stack) free(iov);
+      return NULL;
+    }
+  }
+  ssize_t r = is_write ? writev(fd, iov, (int)n) : readv(fd, iov, (int)n);
+  int err = errno;
+  if (iov != stack) free(iov);
+  return make_int(env, r < 0 ? -err : r);
+}
+
+static napi_value js_readv(napi_env env, napi_callback_info info) { return vector_io(env, info, 0); }
+static napi_value js_writev(napi_env env, napi_callback_info info) { return vector_io(env, info, 1); }
+
+// socket(domain, type, protocol) -> fd (close-on-exec), for interface ioctls.
+static napi_value js_socket(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int32_t domain, type, proto;
+  if (get_args(env, info, 3, argv) || get_i32(env, argv[0], &domain) || get_i32(env, argv[1], &type) ||
+      get_i32(env, argv[2], &proto))
+    return NULL;
+  int fd = socket(domain, type | SOCK_CLOEXEC, proto);
+  if (fd < 0) return throw_errno(env, "socket", errno);
+  return make_int(env, fd);
 }
 
 static napi_value js_close(napi_env env, napi_callback_info info) {
@@ -524,6 +581,7 @@ NAPI_MODULE_INIT() {
       {"ioctl", js_ioctl},     {"mmap", js_mmap},       {"munmap", js_munmap},
       {"view", js_view},       {"detach", js_detach},   {"address", js_address},
       {"pageSize", js_page_size}, {"fallocate", js_fallocate},
+      {"readv", js_readv},     {"setEvents", js_set_events},     {"writev", js_writev},   {"socket", js_socket},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

@@ -242,7 +242,7 @@ export class Connection {
         return;
       case Req.GET_QUEUE_NUM:
         expectSize(request, payload, 0);
-        this.send(request, encodeU64(BigInt(this.vrings.length)));
+        this.send(request, encodeU64(BigInt(this.device.queueNum)));
         return;
       case Req.GET_MAX_MEM_SLOTS:
         expectSize(request, payload, 0);
@@ -391,6 +391,25 @@ export class Connection {
         const err = this.device.writeConfig(c.offset, c.data);
         if (err) this.log.warn({ offset: c.offset, size: c.size, reason: err }, 'SET_CONFIG refused');
         this.ack(msg, !err);
+        return;
+      }
+      case Req.NET_SET_MTU: {
+        this.requireProtocol(request, ProtocolFeature.MTU);
+        expectSize(request, payload, SIZE_U64);
+        const mtu = decodeU64(payload);
+        const err =
+          mtu > 0xffffn ? `MTU ${mtu} is out of range`
+          : this.device.setMtu ? this.device.setMtu(Number(mtu))
+          : 'this device has no MTU';
+        if (err) this.log.warn({ mtu: mtu.toString(), reason: err }, 'NET_SET_MTU refused');
+        this.ack(msg, !err);
+        return;
+      }
+      case Req.SEND_RARP: {
+        this.requireProtocol(request, ProtocolFeature.RARP);
+        expectSize(request, payload, SIZE_U64);
+        this.device.sendRarp?.(payload.slice(0, 6));
+        this.ack(msg, true);
         return;
       }
       default:

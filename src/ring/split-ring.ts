@@ -186,13 +186,27 @@ export class SplitRing {
 
   /** Return a chain to the driver. Publishes used->idx with a full barrier. */
   push(head: number, written: number): void {
+    this.add(head, written);
+    this.publish();
+  }
+
+  /** Write a used element without publishing it (several chains of one packet go out together). */
+  add(head: number, written: number): void {
     const slot = this.usedIdx % this.size;
     this.usedDv.setUint32(4 + slot * 8, head, true);
     this.usedDv.setUint32(8 + slot * 8, written, true);
     this.usedIdx = u16(this.usedIdx + 1);
+  }
+
+  publish(): void {
     // Atomics.store is a locked xchg on x86: the elements above are visible
     // first, and the used_event load in needsNotify() cannot pass this store.
     Atomics.store(this.used, 1, this.usedIdx);
+  }
+
+  /** Give back the last `n` popped chains, unused; they are popped again next time. */
+  unpop(n: number): void {
+    this.lastAvail = u16(this.lastAvail - n);
   }
 
   /** Whether the driver wants an interrupt for what was pushed since the last call. */

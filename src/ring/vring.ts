@@ -164,7 +164,28 @@ export class Vring {
     const ring = this.ring;
     if (!ring || this.inflight === 0) return;
     ring.push(head, written);
-    this.inflight--;
+    this.completed(1);
+  }
+
+  /** Complete several chains at once: the driver sees all of them or none. */
+  completeMany(heads: readonly number[], written: readonly number[]): void {
+    const ring = this.ring;
+    if (!ring || this.inflight < heads.length) return;
+    for (let i = 0; i < heads.length; i++) ring.add(heads[i]!, written[i]!);
+    ring.publish();
+    this.completed(heads.length);
+  }
+
+  /** Return the last `n` popped chains to the avail ring unused. */
+  unpop(n: number): void {
+    if (!this.ring || n === 0) return;
+    this.ring.unpop(n);
+    this.inflight -= n;
+    if (this.inflight === 0) this.resolveDrain();
+  }
+
+  private completed(n: number): void {
+    this.inflight -= n;
     this.notifyPending = true;
     if (!this.notifyScheduled) {
       this.notifyScheduled = true;

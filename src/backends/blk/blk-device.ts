@@ -76,6 +76,9 @@ export class BlkDevice implements Device {
   readonly kind = 'blk';
   readonly numQueues: number;
   readonly maxQueueSize: number;
+  get queueNum(): number {
+    return this.numQueues;
+  }
   readonly features: bigint;
   readonly protocolFeatures = bit(9); // CONFIG
   private readonly image: Image;
