@@ -367,9 +367,8 @@ export class Connection {
         expectSize(request, payload, SIZE_VRING_STATE);
         const s = decodeVringState(payload);
         const v = this.vring(s.index, request);
-        if (!(this.ackedFeatures & bit(F_PROTOCOL_FEATURES))) {
-          throw new ProtocolError('SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES negotiated');
-        }
+        // Allowed as soon as we offer protocol features (always): QEMU's net front-end
+        // sends it before SET_FEATURES.
         if (s.num > 1) throw new ProtocolError(`SET_VRING_ENABLE: value ${s.num} is not 0 or 1`);
         v.enabled = s.num === 1;
         if (v.enabled && v.started) v.schedule();
