@@ -206,10 +206,14 @@ export class Connection {
         expectSize(request, payload, SIZE_U64);
         const f = decodeU64(payload);
         if (f & ~this.features) throw new ProtocolError(`SET_FEATURES: 0x${f.toString(16)} has bits never offered`);
-        if (this.vrings.some((v) => v.started)) throw new ProtocolError('SET_FEATURES while rings are running');
+        // QEMU repeats SET_FEATURES for each vhost device sharing the connection (net queue pairs).
+        const running = this.vrings.some((v) => v.started);
+        if (running && (!this.featuresSet || f !== this.ackedFeatures)) {
+          throw new ProtocolError('SET_FEATURES changes features while rings are running');
+        }
+        if (!running) this.device.setFeatures(f & ~bit(F_PROTOCOL_FEATURES));
         this.ackedFeatures = f;
         this.featuresSet = true;
-        this.device.setFeatures(f & ~bit(F_PROTOCOL_FEATURES));
         // Without protocol features a ring is enabled as soon as it exists.
         if (!(f & bit(F_PROTOCOL_FEATURES))) for (const v of this.vrings) v.enabled = true;
         this.ack(msg, true);

@@ -34,6 +34,8 @@ export interface Region {
   readonly mapAddress: bigint;
   readonly mapLength: number;
   readonly windows: Uint8Array[];
+  /** ADD_MEM_REG calls for this very region (QEMU sends one per vhost device on the connection). */
+  refs: number;
 }
 
 function toSafe(what: string, v: bigint): number {
@@ -66,7 +68,10 @@ export class GuestMemory {
     return this.regions;
   }
 
-  /** Map a region and take ownership of its fd (closed when the region goes, or on failure). */
+  /**
+   * Map a region and take ownership of its fd (closed when the region goes, or
+   * on failure). Adding a region identical to a mapped one only counts a reference.
+   */
   add(spec: RegionSpec): Region {
     try {
       const size = toSafe('region size', spec.memorySize);
@@ -74,6 +79,12 @@ export class GuestMemory {
       const uva = toSafe('user address', spec.userspaceAddr);
       const mmapOffset = toSafe('mmap offset', spec.mmapOffset);
       if (size === 0) throw new MemoryError('region has size 0');
+      const same = this.regions.find((r) => r.gpa === gpa && r.size === size && r.uva === uva && r.mmapOffset === mmapOffset);
+      if (same) {
+        same.refs++;
+        native.close(spec.fd);
+        return same;
+      }
       if (gpa + size > MAX_ADDRESS || uva + size > MAX_ADDRESS) throw new MemoryError('region wraps the address space');
       for (const r of this.regions) {
         if (gpa < r.gpa + r.size && r.gpa < gpa + size) {
@@ -104,7 +115,7 @@ export class GuestMemory {
         const len = Math.min(WINDOW_SIZE + WINDOW_OVERLAP, size - start);
         windows.push(new Uint8Array(native.view(mapAddress + BigInt(skew + start), len)));
       }
-      const region: Region = { gpa, size, uva, mmapOffset, fd: spec.fd, skew, mapAddress, mapLength, windows };
+      const region: Region = { gpa, size, uva, mmapOffset, fd: spec.fd, skew, mapAddress, mapLength, windows, refs: 1 };
       this.regions.push(region);
       this.generation++;
       return region;
@@ -114,7 +125,7 @@ export class GuestMemory {
     }
   }
 
-  /** Remove the region matching gpa/size/uva (REM_MEM_REG); returns whether one was found. */
+  /** Drop a reference to the region matching gpa/size/uva (REM_MEM_REG); returns whether one was found. */
   remove(spec: { guestPhysAddr: bigint; memorySize: bigint; userspaceAddr: bigint }): boolean {
     const i = this.regions.findIndex(
       (r) =>
@@ -123,6 +134,7 @@ export class GuestMemory {
         BigInt(r.uva) === spec.userspaceAddr,
     );
     if (i < 0) return false;
+    if (--this.regions[i]!.refs > 0) return true;
     const [r] = this.regions.splice(i, 1);
     this.release(r!);
     this.generation++;
@@ -137,6 +149,7 @@ export class GuestMemory {
   }
 
   private release(r: Region): void {
+    if (this.last === r) this.last = undefined;
     for (const w of r.windows) native.detach(w.buffer as ArrayBuffer);
     r.windows.length = 0;
     native.munmap(r.mapAddress, r.mapLength);

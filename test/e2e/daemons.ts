@@ -58,6 +58,23 @@ export function startVhostd(args: string[], socket: string): Promise<Backend> {
   return launch(process.execPath, [DAEMON, 'blk', '--socket', socket, ...args], socket, /"msg":"vhost-user-blk ready"/);
 }
 
+/** Starts `vhostd net` inside a network namespace, where its tap is created. */
+export function startVhostdNet(netns: string, args: string[], socket: string): Promise<Backend> {
+  return launch(
+    'ip',
+    ['netns', 'exec', netns, process.execPath, DAEMON, 'net', '--socket', socket, ...args],
+    socket,
+    /"msg":"vhost-user-net ready"/,
+  );
+}
+
+/** The per-queue-pair totals vhostd logs when it stops. */
+export function netTotals(output: string): { txPackets: number; rxPackets: number; txDropped: number; rxDropped: number }[] {
+  const line = output.split('\n').reverse().find((l) => l.includes('"msg":"traffic totals"'));
+  if (!line) throw new Error(`no traffic totals in vhostd output:\n${output}`);
+  return JSON.parse(line).stats;
+}
+
 export function startStorageDaemon(image: string, socket: string, numQueues = 1): Promise<Backend> {
   return launch(
     'qemu-storage-daemon',

@@ -102,3 +102,19 @@ describe('guest memory', () => {
     expect(mem.small(0, 1)).toBeDefined();
   });
 });
+
+describe('guest memory shared by several vhost devices', () => {
+  it('counts identical ADD_MEM_REG regions and unmaps on the last REM_MEM_REG', () => {
+    mem = makeMemory([{ gpa: 0, size: MiB, uva: 0x100000 }]);
+    const fd = native.memfdCreate('vhostd-test', MFD_CLOEXEC);
+    const again = mem.add({ guestPhysAddr: 0n, memorySize: BigInt(MiB), userspaceAddr: 0x100000n, mmapOffset: 0n, fd });
+    expect(again.refs).toBe(2);
+    expect(mem.regionCount).toBe(1);
+    expect(native.close(fd)).toBeLessThan(0); // the duplicate's fd was closed at once
+    const spec = { guestPhysAddr: 0n, memorySize: BigInt(MiB), userspaceAddr: 0x100000n };
+    expect(mem.remove(spec)).toBe(true);
+    expect(mem.small(0, 1)).toBeDefined();
+    expect(mem.remove(spec)).toBe(true);
+    expect(mem.small(0, 1)).toBeUndefined();
+  });
+});

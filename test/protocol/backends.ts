@@ -1,0 +1,157 @@
+// Spawns the back-ends under test on a temp socket and a temp sparse image,
+// and makes sure they die: at stop(), and when the test process exits.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, existsSync, lstatSync, mkdtempSync, openSync, readSync, rmSync, ftruncateSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export type BackendKind = 'vhostd' | 'qsd';
+
+export interface BackendOptions {
+  numQueues?: number;
+  readonly?: boolean;
+  serial?: string;
+  imageBytes?: number;
+  /** Extra vhostd CLI arguments. */
+  extraArgs?: string[];
+}
+
+export interface Backend {
+  kind: BackendKind;
+  socket: string;
+  image: string;
+  imageBytes: number;
+  serial: string;
+  proc: ChildProcess;
+  /** Everything the process printed so far. */
+  output(): string;
+  exited(): boolean;
+  /** Bytes of the image file, read by the host. */
+  readImage(offset: number, len: number): Uint8Array;
+  stop(): Promise<void>;
+}
+
+const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+/** The built daemon; VHOSTD_BIN overrides it. */
+export const VHOSTD_BIN = process.env.VHOSTD_BIN ?? join(ROOT, 'dist', 'daemon.js');
+export const QSD_BIN = process.env.QSD_BIN ?? 'qemu-storage-daemon';
+
+const live = new Set<ChildProcess>();
+let hooked = false;
+function hookExit(): void {
+  if (hooked) return;
+  hooked = true;
+  // Last resort when a test run dies without reaching afterAll.
+  process.on('exit', () => {
+    for (const p of live) {
+      try {
+        p.kill('SIGKILL');
+      } catch {
+        /* gone */
+      }
+    }
+  });
+}
+
+async function waitForSocket(path: string, proc: ChildProcess, output: () => string, timeoutMs = 15_000): Promise<void> {
+  // Only stat: a probe connection would occupy vhostd's single front-end slot.
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      if (lstatSync(path).isSocket()) return;
+    } catch {
+      /* not yet */
+    }
+    if (proc.exitCode !== null || proc.signalCode !== null) {
+      throw new Error(`back-end exited (${proc.exitCode ?? proc.signalCode}) before creating ${path}:\n${output()}`);
+    }
+    if (Date.now() > deadline) throw new Error(`back-end did not create ${path} within ${timeoutMs} ms:\n${output()}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+export async function startBackend(kind: BackendKind, opts: BackendOptions = {}): Promise<Backend> {
+  hookExit();
+  const dir = mkdtempSync(join(tmpdir(), `vhostd-proto-${kind}-`));
+  const socket = join(dir, 'blk.sock');
+  const image = join(dir, 'disk.img');
+  const imageBytes = opts.imageBytes ?? 64 * 1024 * 1024;
+  const numQueues = opts.numQueues ?? 2;
+  const serial = opts.serial ?? 'vhostd-proto-serial';
+  const fd = openSync(image, 'w');
+  ftruncateSync(fd, imageBytes);
+  closeSync(fd);
+
+  let cmd: string;
+  let args: string[];
+  if (kind === 'vhostd') {
+    if (!existsSync(VHOSTD_BIN)) throw new Error(`${VHOSTD_BIN} is missing: run \`npm run build\``);
+    cmd = process.execPath;
+    args = [
+      VHOSTD_BIN, 'blk', '--socket', socket, '--file', image, '--num-queues', String(numQueues),
+      '--serial', serial, '--log-level', 'debug',
+      ...(opts.readonly ? ['--readonly'] : []),
+      ...(opts.extraArgs ?? []),
+    ];
+  } else {
+    cmd = QSD_BIN;
+    const ro = opts.readonly ? ',read-only=on' : '';
+    args = [
+      '--blockdev', `driver=file,node-name=f0,filename=${image},discard=unmap${ro}`,
+      '--export',
+      `type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=${socket},writable=${opts.readonly ? 'off' : 'on'},num-queues=${numQueues}`,
+    ];
+  }
+  const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  live.add(proc);
+  let out = '';
+  const append = (b: Buffer): void => {
+    if (out.length < 8 * 1024 * 1024) out += b.toString();
+  };
+  proc.stdout!.on('data', append);
+  proc.stderr!.on('data', append);
+  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+  proc.once('exit', () => live.delete(proc));
+
+  const stop = async (): Promise<void> => {
+    if (proc.exitCode === null && proc.signalCode === null) {
+      proc.kill('SIGTERM');
+      const t = setTimeout(() => proc.kill('SIGKILL'), 5_000);
+      await exited;
+      clearTimeout(t);
+    }
+    rmSync(dir, { recursive: true, force: true });
+  };
+
+  try {
+    await waitForSocket(socket, proc, () => out);
+  } catch (e) {
+    proc.kill('SIGKILL');
+    await exited;
+    rmSync(dir, { recursive: true, force: true });
+    throw e;
+  }
+
+  return {
+    kind,
+    socket,
+    image,
+    imageBytes,
+    serial,
+    proc,
+    output: () => out,
+    exited: () => proc.exitCode !== null || proc.signalCode !== null,
+    readImage(offset: number, len: number): Uint8Array {
+      const b = new Uint8Array(len);
+      const f = openSync(image, 'r');
+      try {
+        readSync(f, b, 0, len, offset);
+      } finally {
+        closeSync(f);
+      }
+      return b;
+    },
+    stop,
+  };
+}
