@@ -36,6 +36,8 @@ export interface GuestOptions {
   files?: Record<string, GuestFile>;
   /** Kill QEMU after this long. Default 240 s. */
   timeoutMs?: number;
+  /** Run QEMU in this network namespace (for QEMU's own tap back-end, as the baseline to compare with). */
+  netns?: string;
   /** Appended to the default kernel command line. */
   kernelArgs?: string;
   /** QEMU -cpu model; default is QEMU's own (qemu64). */
@@ -230,7 +232,8 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
 
 async function runQemu(args: string[], timeoutMs: number, opts: GuestOptions): Promise<GuestResult> {
   const started = Date.now();
-  const child = spawn(QEMU_BINARY, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  const argv = opts.netns ? ['ip', 'netns', 'exec', opts.netns, QEMU_BINARY, ...args] : [QEMU_BINARY, ...args];
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'] });
   trackChild(child);
   const debug = !!process.env.VHOSTD_GUEST_DEBUG;
   const result: GuestResult = {
@@ -244,7 +247,7 @@ async function runQemu(args: string[], timeoutMs: number, opts: GuestOptions): P
     stderr: '',
     durationMs: 0,
     bootMs: null,
-    command: [QEMU_BINARY, ...args],
+    command: argv,
   };
 
   let killTimer: NodeJS.Timeout | undefined;
