@@ -53,9 +53,9 @@ async function waitForOutput(out: () => string, re: RegExp, timeoutMs: number): 
   }
 }
 
-/** Starts `vhostd blk`; resolves once it logs that it is listening (a stale socket file may predate it). */
+/** Starts `vhostd blk`; resolves once it prints how to attach, i.e. listens (a stale socket file may predate it). */
 export function startVhostd(args: string[], socket: string): Promise<Backend> {
-  return launch(process.execPath, [DAEMON, 'blk', '--socket', socket, ...args], socket, /"msg":"vhost-user-blk ready"/);
+  return launch(process.execPath, [DAEMON, 'blk', '--socket', socket, ...args], socket, /# attach with:/);
 }
 
 /** Starts `vhostd net` inside a network namespace, where its tap is created. */
@@ -64,7 +64,7 @@ export function startVhostdNet(netns: string, args: string[], socket: string): P
     'ip',
     ['netns', 'exec', netns, process.execPath, DAEMON, 'net', '--socket', socket, ...args],
     socket,
-    /"msg":"vhost-user-net ready"/,
+    /# attach with:/,
   );
 }
 
