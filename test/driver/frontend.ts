@@ -3,9 +3,9 @@
 // back-end fails a test instead of hanging it.
 //
 // Replies are read by polling a non-blocking socket, not with native.watch():
-// unwatch() frees the watcher while its JS handle's GC finalizer still uses it
-// (see vhostd_native.c watcher_finalize), which crashes or silently stops other
-// watchers in the test process.
+// the driver leans on as little of the code under test as it can, and a
+// watcher bug (there was a use-after-free in unwatch) would otherwise take the
+// test process down with the daemon.
 import { native, EAGAIN, EINTR } from '../../src/native/index.js';
 import {
   bit,

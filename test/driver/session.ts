@@ -29,6 +29,8 @@ export interface StartOptions {
   ringRegions?: number[];
   /** Which regions SET_MEM_TABLE carries (default: all). */
   tableRegions?: number[];
+  /** Initial avail/used index of every queue (16-bit wrap tests). */
+  startIndex?: number;
 }
 
 export class Session {
@@ -91,6 +93,7 @@ export class Session {
     this.tableRegions = opts.tableRegions;
     for (let i = 0; i < n; i++) {
       const q = new SplitQueue(this.mem, i, size, regions[i % regions.length]! % this.mem.regions.length);
+      if (opts.startIndex !== undefined) q.startAt(opts.startIndex);
       this.queues.push(q);
       this.blk.push(new BlkQueue(q, this.mem));
     }

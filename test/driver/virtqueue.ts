@@ -44,7 +44,7 @@ export class SplitQueue {
   readonly availGpa: number;
   readonly usedGpa: number;
   readonly kickFd: number;
-  readonly callFd: number;
+  callFd: number;
   /** Driver's avail idx (next slot to publish). */
   availIdx = 0;
   /** Used entries consumed so far. */
@@ -91,6 +91,19 @@ export class SplitQueue {
     this.freeDescs = Array.from({ length: size }, (_, i) => i);
     this.kickFd = native.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     this.callFd = native.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  }
+
+  /**
+   * Start the indices at n instead of 0 (before the ring starts), as after a
+   * long-running guest: avail idx, used idx in memory and the base all agree.
+   */
+  startAt(n: number): void {
+    if (this.outstanding) throw new Error('startAt with requests outstanding');
+    this.availIdx = u16(n);
+    this.lastUsed = u16(n);
+    this.base = u16(n);
+    Atomics.store(this.avail, 1, this.availIdx);
+    Atomics.store(this.used, 1, this.lastUsed);
   }
 
   /** Addresses for SET_VRING_ADDR: front-end virtual addresses. */
@@ -197,6 +210,17 @@ export class SplitQueue {
   kick(): void {
     const n = native.write(this.kickFd, new BigUint64Array([1n]));
     if (n !== 8) throw new Error(`kick write: ${n}`);
+  }
+
+  /**
+   * Switch to a fresh call eventfd (send it with SET_VRING_CALL), as QEMU does
+   * when it masks a vector. Returns the old fd, now the caller's to close.
+   */
+  swapCallFd(): number {
+    this.drainCall();
+    const old = this.callFd;
+    this.callFd = native.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    return old;
   }
 
   /** Consume pending kicks, so a back-end can only learn of new chains by looking at the ring. */

@@ -1,7 +1,21 @@
 // Spawns the back-ends under test on a temp socket and a temp sparse image,
 // and makes sure they die: at stop(), and when the test process exits.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, lstatSync, mkdtempSync, openSync, readSync, rmSync, ftruncateSync } from 'node:fs';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import {
+  closeSync,
+  existsSync,
+  ftruncateSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -37,6 +51,85 @@ const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const VHOSTD_BIN = process.env.VHOSTD_BIN ?? join(ROOT, 'dist', 'daemon.js');
 export const QSD_BIN = process.env.QSD_BIN ?? 'qemu-storage-daemon';
 
+/**
+ * Back-ends started by test processes, one file per child. A test worker that
+ * crashes (SIGSEGV) never runs its exit hooks; the next run kills what it left.
+ */
+const REGISTRY = join(tmpdir(), 'vhostd-proto-registry');
+
+interface Record {
+  pid: number;
+  owner: number;
+  dir: string;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function reapOrphans(): void {
+  let names: string[];
+  try {
+    names = readdirSync(REGISTRY);
+  } catch {
+    return;
+  }
+  for (const n of names) {
+    const file = join(REGISTRY, n);
+    let r: Record;
+    try {
+      r = JSON.parse(readFileSync(file, 'utf8')) as Record;
+    } catch {
+      continue;
+    }
+    if (alive(r.owner)) continue;
+    try {
+      // Only if the pid still runs our command line (pids get reused).
+      if (readFileSync(`/proc/${r.pid}/cmdline`, 'utf8').includes(r.dir)) process.kill(r.pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+    rmSync(r.dir, { recursive: true, force: true });
+    rmSync(file, { force: true });
+  }
+}
+
+/** Newest mtime of the TypeScript sources under a directory, in ms (tsc builds only those). */
+function newest(dir: string): number {
+  let t = 0;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    if (e.isDirectory()) t = Math.max(t, newest(p));
+    else if (e.name.endsWith('.ts')) t = Math.max(t, statSync(p).mtimeMs);
+  }
+  return t;
+}
+
+/** The tests judge dist/, so dist/ must be built from the current src/. VHOSTD_ALLOW_STALE=1 skips this. */
+function checkFresh(): void {
+  if (process.env.VHOSTD_BIN || process.env.VHOSTD_ALLOW_STALE === '1') return;
+  if (newest(join(ROOT, 'src')) > statSync(VHOSTD_BIN).mtimeMs) {
+    throw new Error(`${VHOSTD_BIN} is older than src/: run \`npm run build\` (or set VHOSTD_ALLOW_STALE=1)`);
+  }
+}
+
+let qsdChecked: boolean | undefined;
+/** Back-ends present on this machine; qsd is optional but its absence is said out loud. */
+export function availableKinds(): BackendKind[] {
+  if (qsdChecked === undefined) {
+    qsdChecked = spawnSync(QSD_BIN, ['--version'], { stdio: 'ignore' }).status === 0;
+    if (!qsdChecked) {
+      console.warn(`${QSD_BIN} not found: the reference runs against qemu-storage-daemon are skipped (apt-get install qemu-system-common)`);
+    }
+  }
+  return qsdChecked ? ['vhostd', 'qsd'] : ['vhostd'];
+}
+
 const live = new Set<ChildProcess>();
 let hooked = false;
 function hookExit(): void {
@@ -54,7 +147,7 @@ function hookExit(): void {
   });
 }
 
-async function waitForSocket(path: string, proc: ChildProcess, output: () => string, timeoutMs = 15_000): Promise<void> {
+async function waitForSocket(path: string, proc: ChildProcess, output: () => string, spawnError: () => Error | undefined, timeoutMs = 15_000): Promise<void> {
   // Only stat: a probe connection would occupy vhostd's single front-end slot.
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -63,6 +156,8 @@ async function waitForSocket(path: string, proc: ChildProcess, output: () => str
     } catch {
       /* not yet */
     }
+    const err = spawnError();
+    if (err) throw new Error(`cannot start back-end: ${err.message}`);
     if (proc.exitCode !== null || proc.signalCode !== null) {
       throw new Error(`back-end exited (${proc.exitCode ?? proc.signalCode}) before creating ${path}:\n${output()}`);
     }
@@ -73,6 +168,7 @@ async function waitForSocket(path: string, proc: ChildProcess, output: () => str
 
 export async function startBackend(kind: BackendKind, opts: BackendOptions = {}): Promise<Backend> {
   hookExit();
+  reapOrphans();
   const dir = mkdtempSync(join(tmpdir(), `vhostd-proto-${kind}-`));
   const socket = join(dir, 'blk.sock');
   const image = join(dir, 'disk.img');
@@ -87,6 +183,7 @@ export async function startBackend(kind: BackendKind, opts: BackendOptions = {})
   let args: string[];
   if (kind === 'vhostd') {
     if (!existsSync(VHOSTD_BIN)) throw new Error(`${VHOSTD_BIN} is missing: run \`npm run build\``);
+    checkFresh();
     cmd = process.execPath;
     args = [
       VHOSTD_BIN, 'blk', '--socket', socket, '--file', image, '--num-queues', String(numQueues),
@@ -105,13 +202,21 @@ export async function startBackend(kind: BackendKind, opts: BackendOptions = {})
   }
   const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   live.add(proc);
+  mkdirSync(REGISTRY, { recursive: true });
+  const record = join(REGISTRY, `${proc.pid ?? 'failed'}-${process.pid}.json`);
+  if (proc.pid !== undefined) writeFileSync(record, JSON.stringify({ pid: proc.pid, owner: process.pid, dir } satisfies Record));
   let out = '';
   const append = (b: Buffer): void => {
     if (out.length < 8 * 1024 * 1024) out += b.toString();
   };
+  let spawnError: Error | undefined;
+  proc.on('error', (e) => (spawnError = e));
   proc.stdout!.on('data', append);
   proc.stderr!.on('data', append);
-  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+  const exited = new Promise<void>((r) => {
+    proc.once('exit', () => r());
+    proc.once('error', () => r());
+  });
   proc.once('exit', () => live.delete(proc));
 
   const stop = async (): Promise<void> => {
@@ -122,14 +227,16 @@ export async function startBackend(kind: BackendKind, opts: BackendOptions = {})
       clearTimeout(t);
     }
     rmSync(dir, { recursive: true, force: true });
+    rmSync(record, { force: true });
   };
 
   try {
-    await waitForSocket(socket, proc, () => out);
+    await waitForSocket(socket, proc, () => out, () => spawnError);
   } catch (e) {
     proc.kill('SIGKILL');
     await exited;
     rmSync(dir, { recursive: true, force: true });
+    rmSync(record, { force: true });
     throw e;
   }
 

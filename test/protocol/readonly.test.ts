@@ -1,11 +1,11 @@
 // A read-only disk: vhostd --readonly, and qsd with writable=off for reference.
 import { beforeEach, describe, expect, it } from 'vitest';
-import type { Backend, BackendKind } from './backends.js';
+import { availableKinds, type Backend, type BackendKind } from './backends.js';
 import { isZero, useBackend, withSession } from './helpers.js';
 import { randomBytes, S, SECTOR, T } from '../driver/blk.js';
 import { has, VF } from '../driver/wire.js';
 
-describe.each<BackendKind>(['vhostd', 'qsd'])('read-only disk: %s', { timeout: 60_000 }, (kind) => {
+describe.each<BackendKind>(availableKinds())('read-only disk: %s', { timeout: 60_000 }, (kind) => {
   const backend = useBackend(kind, { numQueues: 1, readonly: true });
   let be: Backend;
   beforeEach(() => {

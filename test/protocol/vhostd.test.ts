@@ -3,12 +3,13 @@
 // ignores) on most of these, so there is no reference to compare with.
 import { beforeEach, describe, expect, it } from 'vitest';
 import { native, EFD_CLOEXEC, EFD_NONBLOCK } from '../../src/native/index.js';
-import type { Backend } from './backends.js';
+import { existsSync } from 'node:fs';
+import { startBackend, type Backend } from './backends.js';
 import { expectBytes, useBackend, waitFor, withSession } from './helpers.js';
 import { randomBytes, S, T } from '../driver/blk.js';
 import { FrontEnd } from '../driver/frontend.js';
 import { GiB } from '../driver/guest.js';
-import type { Session } from '../driver/session.js';
+import { Session } from '../driver/session.js';
 import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE } from '../driver/virtqueue.js';
 import { bit, configMsg, F_REPLY, memTable, PF, Req, u64, VERSION, VF, vringState } from '../driver/wire.js';
 
@@ -221,6 +222,17 @@ describe('vhostd only', { timeout: 60_000 }, () => {
       });
     });
 
+    it('a ring started without a kick fd (VRING_NOFD) is polled', async () => {
+      await withSession(be, async (s) => {
+        await s.startDevice({ queues: 1 });
+        await s.fe.setVringKick(0, null);
+        const d = randomBytes(4096);
+        // Published, never kicked.
+        expect((await s.blk[0]!.submit({ type: T.OUT, sector: 500, out: d })).status).toBe(S.OK);
+        expectBytes((await s.blk[0]!.submit({ type: T.IN, sector: 500, inLen: 4096 })).data, d, 'polled read');
+      });
+    });
+
     it('no call signal after GET_VRING_BASE, and a stopped ring is not processed', async () => {
       await withSession(be, async (s) => {
         await s.startDevice({ queues: 1 });
@@ -236,6 +248,28 @@ describe('vhostd only', { timeout: 60_000 }, () => {
         await s.startRings();
         expect((await p).status).toBe(S.OK);
       });
+    });
+  });
+
+  describe('shutdown', () => {
+    it('SIGTERM with a front-end connected: exits 0 and removes its socket', async () => {
+      const own = await startBackend('vhostd', { numQueues: 1 });
+      try {
+        const s = await Session.open(own.socket);
+        try {
+          await s.startDevice({ queues: 1 });
+          await s.blk[0]!.write(1, randomBytes(512));
+          const code = new Promise<number | null>((r) => own.proc.once('exit', (c) => r(c)));
+          own.proc.kill('SIGTERM');
+          expect(await s.fe.waitClosed()).toEqual([]);
+          expect(await code).toBe(0);
+          expect(existsSync(own.socket)).toBe(false);
+        } finally {
+          s.close();
+        }
+      } finally {
+        await own.stop();
+      }
     });
   });
 
@@ -291,6 +325,14 @@ describe('vhostd only', { timeout: 60_000 }, () => {
       {
         name: 'an indirect table whose length is not a multiple of 16',
         make: (s) => s.queues[0]!.submitRaw([{ slot: 0, desc: { addr: s.mem.alloc(32, 16), len: 24, flags: DESC_F_INDIRECT, next: 0 } }], 0),
+      },
+      {
+        name: 'a readable descriptor after a writable one',
+        make: (s) =>
+          s.queues[0]!.submitRaw([
+            { slot: 0, desc: { addr: s.mem.alloc(512), len: 512, flags: DESC_F_NEXT | DESC_F_WRITE, next: 1 } },
+            { slot: 1, desc: { addr: s.mem.alloc(16), len: 16, flags: 0, next: 0 } },
+          ], 0),
       },
       {
         name: 'an avail index more than a queue ahead',
