@@ -40,9 +40,12 @@ export class Chain {
   readableBytes = 0;
   writableBytes = 0;
   descriptors = 0;
+  /** Why the chain is malformed; it was still consumed and must be completed. */
+  error: string | undefined;
 
   reset(head: number): void {
     this.head = head;
+    this.error = undefined;
     this.readable.length = 0;
     this.writable.length = 0;
     this.readableBytes = 0;
@@ -115,8 +118,8 @@ export class SplitRing {
 
   /**
    * Take the next available chain into `chain`. Returns false when the ring is empty.
-   * Throws RingError if the head index is impossible, ChainError if the chain is malformed
-   * (the chain has still been consumed: complete it with `chain.head`).
+   * Throws RingError if the ring itself is unusable. A malformed chain is still
+   * consumed and returned with `chain.error` set: complete it with `chain.head`.
    */
   pop(chain: Chain): boolean {
     if (this.pending() === 0) return false;
@@ -124,7 +127,12 @@ export class SplitRing {
     if (head >= this.size) throw new RingError(`avail ring names descriptor ${head}, queue size is ${this.size}`);
     this.lastAvail = u16(this.lastAvail + 1);
     chain.reset(head);
-    this.walk(chain);
+    try {
+      this.walk(chain);
+    } catch (e) {
+      if (!(e instanceof ChainError)) throw e;
+      chain.error = e.message;
+    }
     return true;
   }
 

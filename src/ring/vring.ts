@@ -4,11 +4,17 @@
 // stop can wait for them, and signals the driver through the call fd.
 import { native, errnoError, POLL_READABLE, EAGAIN, type WatchHandle } from '../native/index.js';
 import { GuestMemory } from './guest-memory.js';
-import { Chain, ChainError, RingError, SplitRing, type RingAddresses, type RingFeatures } from './split-ring.js';
+import { Chain, RingError, SplitRing, type RingAddresses, type RingFeatures } from './split-ring.js';
 
 export interface VringHandler {
   /** The driver published new chains (or the ring just started). */
   kick(): void;
+  /**
+   * Hand malformed chains to the device (with `chain.error` set) instead of
+   * failing the queue; the device must still complete them. Net TX drops
+   * them; blk cannot even find a status byte, so it lets the queue fail.
+   */
+  tolerateBadChains?: boolean;
 }
 
 export interface VringLogger {
@@ -113,7 +119,7 @@ export class Vring {
       const fd = this.kickFd;
       this.kickWatch = native.watch(fd, POLL_READABLE, () => this.onKick(fd));
     } else {
-      this.pollTimer = setInterval(() => this.handler && this.active && this.handler.kick(), POLL_INTERVAL_MS);
+      this.pollTimer = setInterval(() => this.run(), POLL_INTERVAL_MS);
     }
     this.schedule();
   }
@@ -125,14 +131,23 @@ export class Vring {
       this.fail(errnoError('read kick eventfd', n).message);
       return;
     }
-    if (this.active) this.handler!.kick();
+    this.run();
   }
 
   /** Run the handler soon, e.g. at start or when the ring is enabled. */
   schedule(): void {
-    setImmediate(() => {
-      if (this.active) this.handler!.kick();
-    });
+    setImmediate(() => this.run());
+  }
+
+  /** Service the queue; a bug while doing so fails this queue, not the daemon. */
+  private run(): void {
+    if (!this.active) return;
+    try {
+      this.handler!.kick();
+    } catch (e) {
+      this.log.error({ queue: this.index, err: e }, 'internal error while servicing the queue');
+      this.fail(`internal error: ${(e as Error).message}`);
+    }
   }
 
   /**
@@ -143,15 +158,20 @@ export class Vring {
     if (!this.active) return false;
     try {
       if (!this.ring!.pop(chain)) return false;
-      this.inflight++;
-      return true;
     } catch (e) {
-      if (e instanceof ChainError || e instanceof RingError) {
+      if (e instanceof RingError) {
         this.fail(e.message);
         return false;
       }
       throw e;
     }
+    this.inflight++;
+    if (chain.error && !this.handler!.tolerateBadChains) {
+      this.complete(chain.head, 0);
+      this.fail(chain.error);
+      return false;
+    }
+    return true;
   }
 
   /** True if more chains arrived while kicks were off: keep going. */

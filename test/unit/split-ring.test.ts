@@ -26,12 +26,15 @@ function setup(size = 8, features = ALL, lastAvail = 0): { ring: SplitRing; lay:
   return { ring: new SplitRing(mem, size, lay.addrs, features, lastAvail), lay };
 }
 
+/** The error a pop reports: thrown for a broken ring, on the chain for a malformed chain. */
 function popError(ring: SplitRing): Error {
+  const c = new Chain();
   try {
-    ring.pop(new Chain());
+    ring.pop(c);
   } catch (e) {
     return e as Error;
   }
+  if (c.error) return new ChainError(c.error);
   throw new Error('pop succeeded');
 }
 

@@ -218,7 +218,7 @@ export class NetDevice implements Device {
     }
     pair.tx = vring;
     pair.txBlocked = false;
-    return { kick: () => this.txPump(pair) };
+    return { kick: () => this.txPump(pair), tolerateBadChains: true };
   }
 
   stopQueue(vring: Vring): void {
@@ -266,6 +266,11 @@ export class NetDevice implements Device {
     for (;;) {
       for (let n = 0; n < BUDGET; n++) {
         if (!q.pop(chain)) break;
+        if (chain.error) {
+          this.drop(pair, 'tx', `malformed chain: ${chain.error}`);
+          q.complete(chain.head, 0);
+          continue;
+        }
         if (chain.readableBytes < this.hdrLen + 14 || chain.readableBytes > maxLen || chain.writableBytes) {
           this.drop(pair, 'tx', `malformed chain: ${chain.readableBytes} readable, ${chain.writableBytes} writable bytes`);
           q.complete(chain.head, 0);
