@@ -5,20 +5,24 @@
 import type { Logger } from 'pino';
 import type { Device } from '../device.js';
 import { VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from '../device.js';
-import { native, EAGAIN, EINTR, POLL_READABLE, type WatchHandle } from '../native/index.js';
+import { native, EAGAIN, EINTR, MFD_CLOEXEC, POLL_READABLE, type WatchHandle } from '../native/index.js';
+import { ftruncateSync } from 'node:fs';
 import { GuestMemory, MemoryError } from '../ring/guest-memory.js';
+import { InflightArea, InflightError, inflightQueueBytes } from '../ring/inflight.js';
 import { RingError, MAX_QUEUE_SIZE } from '../ring/split-ring.js';
 import { Vring } from '../ring/vring.js';
 import {
   bit,
   decodeConfig,
   decodeHeader,
+  decodeInflight,
   decodeMemTable,
   decodeSingleRegion,
   decodeU64,
   decodeVringAddr,
   decodeVringState,
   encodeConfig,
+  encodeInflight,
   encodeMessage,
   encodeU64,
   encodeVringState,
@@ -33,6 +37,7 @@ import {
   ProtocolFeature,
   Req,
   requestName,
+  SIZE_INFLIGHT,
   SIZE_SINGLE_REGION,
   SIZE_U64,
   SIZE_VRING_ADDR,
@@ -44,7 +49,10 @@ import {
 
 /** Protocol features implemented here, for every device. Devices add their own. */
 export const BASE_PROTOCOL_FEATURES =
-  bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS);
+  bit(ProtocolFeature.MQ) |
+  bit(ProtocolFeature.REPLY_ACK) |
+  bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
+  bit(ProtocolFeature.RESET_DEVICE);
 
 /** Memory slots offered with CONFIGURE_MEM_SLOTS. QEMU caps it at its own limit. */
 export const MAX_MEM_SLOTS = 32;
@@ -58,6 +66,7 @@ interface Message {
 
 export class Connection {
   private readonly mem = new GuestMemory();
+  private inflight: InflightArea | undefined;
   private readonly vrings: Vring[];
   private watch: WatchHandle | undefined;
   private readonly header = new Uint8Array(HEADER_SIZE);
@@ -157,14 +166,14 @@ export class Connection {
 
   private fatal(e: unknown): void {
     if (this.closed) return;
-    const clean = e instanceof ProtocolError || e instanceof MemoryError || e instanceof RingError;
+    const clean = e instanceof ProtocolError || e instanceof MemoryError || e instanceof RingError || e instanceof InflightError;
     if (clean) this.log.error({ reason: (e as Error).message }, 'closing connection: protocol violation');
     else this.log.error({ err: e }, 'closing connection: internal error');
     void this.close();
   }
 
-  private send(request: number, payload: Uint8Array): void {
-    const n = native.sendmsg(this.fd, encodeMessage(request, VERSION | FLAG_REPLY, payload), []);
+  private send(request: number, payload: Uint8Array, fds: number[] = []): void {
+    const n = native.sendmsg(this.fd, encodeMessage(request, VERSION | FLAG_REPLY, payload), fds);
     if (n < 0) throw new ProtocolError(`cannot send ${requestName(request)} reply: errno ${-n}`);
   }
 
@@ -194,7 +203,8 @@ export class Connection {
     const { request, payload } = msg;
     this.log.debug({ request: requestName(request), size: payload.length, fds: msg.fds.length }, 'message');
     if (request !== Req.SET_MEM_TABLE && request !== Req.ADD_MEM_REG && request !== Req.REM_MEM_REG &&
-        request !== Req.SET_VRING_KICK && request !== Req.SET_VRING_CALL && request !== Req.SET_VRING_ERR) {
+        request !== Req.SET_VRING_KICK && request !== Req.SET_VRING_CALL && request !== Req.SET_VRING_ERR &&
+        request !== Req.SET_INFLIGHT_FD) {
       this.noFds(msg);
     }
     switch (request) {
@@ -396,6 +406,44 @@ export class Connection {
         this.ack(msg, !err);
         return;
       }
+      case Req.GET_INFLIGHT_FD: {
+        this.requireProtocol(request, ProtocolFeature.INFLIGHT_SHMFD);
+        expectSize(request, payload, SIZE_INFLIGHT);
+        const m = decodeInflight(payload);
+        if (m.numQueues < 1 || m.numQueues > this.vrings.length || m.queueSize < 1 || m.queueSize > this.device.maxQueueSize) {
+          throw new ProtocolError(`GET_INFLIGHT_FD: ${m.numQueues} queues of ${m.queueSize} is outside what the device offers`);
+        }
+        const size = m.numQueues * inflightQueueBytes(m.queueSize);
+        // A fresh, zeroed area; the front-end keeps it across our restarts and hands it back.
+        const fd = native.memfdCreate('vhostd-inflight', MFD_CLOEXEC);
+        try {
+          ftruncateSync(fd, size);
+          this.send(request, encodeInflight({ mmapSize: BigInt(size), mmapOffset: 0n, numQueues: m.numQueues, queueSize: m.queueSize }), [fd]);
+        } finally {
+          native.close(fd);
+        }
+        return;
+      }
+      case Req.SET_INFLIGHT_FD: {
+        this.requireProtocol(request, ProtocolFeature.INFLIGHT_SHMFD);
+        expectSize(request, payload, SIZE_INFLIGHT);
+        const fd = this.takeFd(msg);
+        const m = decodeInflight(payload);
+        if (this.vrings.some((v) => v.started)) {
+          native.close(fd);
+          throw new ProtocolError('SET_INFLIGHT_FD while rings are running');
+        }
+        if (m.numQueues > this.vrings.length) {
+          native.close(fd);
+          throw new ProtocolError(`SET_INFLIGHT_FD: ${m.numQueues} queues, the device has ${this.vrings.length}`);
+        }
+        this.inflight?.close();
+        this.inflight = undefined;
+        this.inflight = new InflightArea(fd, m.mmapSize, m.mmapOffset, m.numQueues, m.queueSize);
+        this.vrings.forEach((v, i) => (v.inflightRecord = this.inflight!.queue(i)));
+        this.ack(msg, true);
+        return;
+      }
       case Req.NET_SET_MTU: {
         this.requireProtocol(request, ProtocolFeature.MTU);
         expectSize(request, payload, SIZE_U64);
@@ -493,6 +541,8 @@ export class Connection {
       v.reset();
     }
     this.device.reset();
+    this.inflight?.close();
+    this.inflight = undefined;
     this.ackedFeatures = 0n;
     this.featuresSet = false;
   }
@@ -523,6 +573,8 @@ export class Connection {
       this.log.error({ err: e }, 'error while stopping rings');
     }
     this.mem.clear();
+    this.inflight?.close();
+    this.inflight = undefined;
     native.close(this.fd);
     this.resolveClosed();
   }

@@ -136,6 +136,21 @@ export class SplitRing {
     return true;
   }
 
+  /** Re-read the chain at `head` (resubmitting one taken by an earlier back-end). */
+  chainAt(head: number, chain: Chain): void {
+    chain.reset(head);
+    if (head >= this.size) {
+      chain.error = `inflight head ${head} is outside the queue`;
+      return;
+    }
+    try {
+      this.walk(chain);
+    } catch (e) {
+      if (!(e instanceof ChainError)) throw e;
+      chain.error = e.message;
+    }
+  }
+
   private walk(chain: Chain): void {
     let table = this.desc;
     let tableLen = this.size;

@@ -4,6 +4,7 @@
 // stop can wait for them, and signals the driver through the call fd.
 import { native, errnoError, POLL_READABLE, EAGAIN, type WatchHandle } from '../native/index.js';
 import { GuestMemory } from './guest-memory.js';
+import type { InflightQueue } from './inflight.js';
 import { Chain, RingError, SplitRing, type RingAddresses, type RingFeatures } from './split-ring.js';
 
 export interface VringHandler {
@@ -20,6 +21,7 @@ export interface VringHandler {
 export interface VringLogger {
   error(obj: object, msg: string): void;
   warn(obj: object, msg: string): void;
+  info(obj: object, msg: string): void;
   debug(obj: object, msg: string): void;
 }
 
@@ -36,6 +38,10 @@ export class Vring {
   ring: SplitRing | undefined;
   /** Set when the ring is unusable until the front-end reconfigures it. */
   failed: string | undefined;
+  /** Shared record of chains in flight (INFLIGHT_SHMFD), set before the ring starts. */
+  inflightRecord: InflightQueue | undefined;
+  /** Heads an earlier back-end left in flight, to run before anything new. */
+  private resubmit: number[] = [];
 
   private kickFd = -1;
   private callFd = -1;
@@ -103,10 +109,11 @@ export class Vring {
     this.features = features;
     this.handler = handler;
     this.failed = undefined;
-    this.attach();
+    this.resubmit = [];
+    this.attach(true);
   }
 
-  private attach(): void {
+  private attach(fresh: boolean): void {
     this.stopWatching();
     this.stopping = false;
     try {
@@ -115,6 +122,7 @@ export class Vring {
       this.ring = undefined;
       throw e;
     }
+    if (fresh && this.inflightRecord) this.recoverInflight(this.ring);
     if (this.kickFd >= 0) {
       const fd = this.kickFd;
       this.kickWatch = native.watch(fd, POLL_READABLE, () => this.onKick(fd));
@@ -156,14 +164,20 @@ export class Vring {
    */
   pop(chain: Chain): boolean {
     if (!this.active) return false;
-    try {
-      if (!this.ring!.pop(chain)) return false;
-    } catch (e) {
-      if (e instanceof RingError) {
-        this.fail(e.message);
-        return false;
+    const resubmitted = this.resubmit.shift();
+    if (resubmitted !== undefined) {
+      this.ring!.chainAt(resubmitted, chain);
+    } else {
+      try {
+        if (!this.ring!.pop(chain)) return false;
+      } catch (e) {
+        if (e instanceof RingError) {
+          this.fail(e.message);
+          return false;
+        }
+        throw e;
       }
-      throw e;
+      this.inflightRecord?.fetched(chain.head);
     }
     this.inflight++;
     if (chain.error && !this.handler!.tolerateBadChains) {
@@ -174,16 +188,19 @@ export class Vring {
     return true;
   }
 
-  /** True if more chains arrived while kicks were off: keep going. */
+  /** True if more chains arrived while kicks were off, or resubmissions wait: keep going. */
   rearm(): boolean {
-    return this.active && this.ring!.enableKicks();
+    return this.active && (this.resubmit.length > 0 || this.ring!.enableKicks());
   }
 
   /** Complete a popped chain. The notification is batched to the end of this loop turn. */
   complete(head: number, written: number): void {
     const ring = this.ring;
     if (!ring || this.inflight === 0) return;
+    const rec = this.inflightRecord;
+    rec?.completing(head);
     ring.push(head, written);
+    rec?.completed([head], ring.usedIdx);
     this.completed(1);
   }
 
@@ -191,14 +208,20 @@ export class Vring {
   completeMany(heads: readonly number[], written: readonly number[]): void {
     const ring = this.ring;
     if (!ring || this.inflight < heads.length) return;
-    for (let i = 0; i < heads.length; i++) ring.add(heads[i]!, written[i]!);
+    const rec = this.inflightRecord;
+    for (let i = 0; i < heads.length; i++) {
+      rec?.completing(heads[i]!);
+      ring.add(heads[i]!, written[i]!);
+    }
     ring.publish();
+    rec?.completed(heads, ring.usedIdx);
     this.completed(heads.length);
   }
 
   /** Return the last `n` popped chains to the avail ring unused. */
   unpop(n: number): void {
     if (!this.ring || n === 0) return;
+    if (this.inflightRecord) throw new Error('unpop with inflight tracking is not supported');
     this.ring.unpop(n);
     this.inflight -= n;
     if (this.inflight === 0) this.resolveDrain();
@@ -248,7 +271,24 @@ export class Vring {
 
   /** Continue after quiesce(), re-reading the ring through the current memory table. */
   resume(): void {
-    if (this.ring) this.attach();
+    if (this.ring) this.attach(false);
+  }
+
+  /**
+   * Chains taken but never completed by an earlier back-end come first. The
+   * front-end restores the avail index to used->idx after a crash, so the next
+   * new chain is the one after those still in flight.
+   */
+  private recoverInflight(ring: SplitRing): void {
+    const r = this.inflightRecord!.start(this.size, ring.usedIdx);
+    if (r.reason) this.log.warn({ queue: this.index, reason: r.reason }, 'inflight record reset');
+    if (!r.recovered) return;
+    this.resubmit = r.resubmit;
+    const next = (ring.usedIdx + r.resubmit.length) & 0xffff;
+    if (next !== ring.lastAvail || r.resubmit.length) {
+      this.log.info({ queue: this.index, resubmit: r.resubmit.length, base: ring.lastAvail, next }, 'resuming requests left in flight');
+    }
+    ring.lastAvail = next;
   }
 
   /**
@@ -296,6 +336,8 @@ export class Vring {
     this.addrs = undefined;
     this.enabled = false;
     this.failed = undefined;
+    this.inflightRecord = undefined;
+    this.resubmit = [];
     this.stopping = false;
     this.notifyPending = false;
   }

@@ -45,7 +45,7 @@ describe.each(KINDS)('vhost-user-blk protocol: %s', { timeout: 60_000 }, (kind) 
         const p = await s.fe.getProtocolFeatures();
         for (const b of [PF.MQ, PF.REPLY_ACK, PF.CONFIG]) expect(has(p, b), `protocol bit ${b}`).toBe(true);
         if (kind === 'vhostd') {
-          const implemented = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE);
+          const implemented = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE) | bit(PF.INFLIGHT_SHMFD);
           expect((p & ~implemented).toString(16)).toBe('0');
         } else {
           for (const b of [PF.LOG_SHMFD, PF.BACKEND_REQ, PF.CONFIGURE_MEM_SLOTS]) expect(has(p, b)).toBe(true);

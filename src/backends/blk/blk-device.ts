@@ -80,7 +80,7 @@ export class BlkDevice implements Device {
     return this.numQueues;
   }
   readonly features: bigint;
-  readonly protocolFeatures = bit(9); // CONFIG
+  readonly protocolFeatures = bit(9) | bit(12); // CONFIG, INFLIGHT_SHMFD
   private readonly image: Image;
   private readonly serial: Uint8Array;
   private readonly blkSize: number;
