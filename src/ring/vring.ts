@@ -123,6 +123,9 @@ export class Vring {
       throw e;
     }
     if (fresh && this.inflightRecord) this.recoverInflight(this.ring);
+    // A back-end that died may have published completions without signalling
+    // them; one spurious interrupt at start costs nothing and strands nobody.
+    if (fresh && this.callFd >= 0 && this.enabled) this.signalCall();
     if (this.kickFd >= 0) {
       const fd = this.kickFd;
       this.kickWatch = native.watch(fd, POLL_READABLE, () => this.onKick(fd));
@@ -287,6 +290,8 @@ export class Vring {
     const next = (ring.usedIdx + r.resubmit.length) & 0xffff;
     if (next !== ring.lastAvail || r.resubmit.length) {
       this.log.info({ queue: this.index, resubmit: r.resubmit.length, base: ring.lastAvail, next }, 'resuming requests left in flight');
+    } else {
+      this.log.debug({ queue: this.index, base: ring.lastAvail }, 'inflight record: nothing left in flight');
     }
     ring.lastAvail = next;
   }

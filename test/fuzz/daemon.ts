@@ -1,0 +1,307 @@
+// One vhostd process for a fuzz run: spawned at log level warn (the protocol
+// tests' startBackend() pins --log-level debug, far too chatty for 100k
+// inputs), its output scanned line by line for crashes, and its fds and
+// memfd mappings read from /proc for leak checks.
+//
+// Spawning follows test/protocol/backends.ts: the same binary (VHOSTD_BIN),
+// a private temp dir for socket and image, and a record in the same orphan
+// registry, so a test worker that dies without cleaning up has its daemon
+// reaped by the next run (ours or the protocol suite's).
+import { spawn, type ChildProcess } from 'node:child_process';
+import {
+  closeSync,
+  existsSync,
+  lstatSync,
+  mkdirSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { VHOSTD_BIN } from '../protocol/backends.js';
+
+const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+const REGISTRY = join(tmpdir(), 'vhostd-proto-registry');
+
+export interface DaemonOptions {
+  numQueues?: number;
+  /** Image size in bytes (default 4 MiB). */
+  imageBytes?: number;
+  /** Fill the image before start: called with the fd. */
+  initImage?: (fd: number, bytes: number) => void;
+  logLevel?: string;
+  extraArgs?: string[];
+}
+
+/** What the daemon said, digested. */
+export class LogScan {
+  lines = 0;
+  /** 'closing connection: protocol violation' lines. */
+  protocolCloses = 0;
+  /** 'virtqueue failed' lines. */
+  queueFailures = 0;
+  /** Lines that mean a bug: internal errors, uncaught exceptions, stack traces, unexpected fatal logs. */
+  readonly problems: string[] = [];
+  private readonly tail: string[] = [];
+  private partial = '';
+
+  feed(chunk: string): void {
+    const text = this.partial + chunk;
+    const parts = text.split('\n');
+    this.partial = parts.pop()!;
+    for (const line of parts) this.line(line);
+  }
+
+  private line(line: string): void {
+    if (!line) return;
+    this.lines++;
+    this.tail.push(line.length > 2000 ? `${line.slice(0, 2000)}...` : line);
+    if (this.tail.length > 60) this.tail.shift();
+    if (line.startsWith('{')) {
+      let o: { level?: number; msg?: string; reason?: string; err?: unknown };
+      try {
+        o = JSON.parse(line) as typeof o;
+      } catch {
+        this.problem(`unparsable log line: ${line}`);
+        return;
+      }
+      const msg = o.msg ?? '';
+      if (msg === 'closing connection: protocol violation') this.protocolCloses++;
+      else if (msg.startsWith('virtqueue failed')) this.queueFailures++;
+      else if (msg.includes('internal error') || msg === 'error while stopping rings') this.problem(line);
+      else if ((o.level ?? 0) >= 60) this.problem(line);
+      return;
+    }
+    // The CLI prints how to attach QEMU ("# attach with:" and one command line); anything else that is not JSON is a crash.
+    if (line.startsWith('# ') || line.startsWith('qemu-system')) return;
+    this.problem(line);
+  }
+
+  private problem(line: string): void {
+    if (this.problems.length < 50) this.problems.push(line.length > 4000 ? `${line.slice(0, 4000)}...` : line);
+  }
+
+  recent(n = 25): string {
+    return this.tail.slice(-n).join('\n');
+  }
+}
+
+export interface FdSnapshot {
+  count: number;
+  /** fd link targets, counted. */
+  targets: Map<string, number>;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Same orphan reaping as backends.ts: daemons whose owning test process is gone. */
+function reapOrphans(): void {
+  let names: string[];
+  try {
+    names = readdirSync(REGISTRY);
+  } catch {
+    return;
+  }
+  for (const n of names) {
+    const file = join(REGISTRY, n);
+    let r: { pid: number; owner: number; dir: string };
+    try {
+      r = JSON.parse(readFileSync(file, 'utf8')) as typeof r;
+    } catch {
+      continue;
+    }
+    if (alive(r.owner)) continue;
+    try {
+      if (readFileSync(`/proc/${r.pid}/cmdline`, 'utf8').includes(r.dir)) process.kill(r.pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+    rmSync(r.dir, { recursive: true, force: true });
+    rmSync(file, { force: true });
+  }
+}
+
+function newest(dir: string): number {
+  let t = 0;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    if (e.isDirectory()) t = Math.max(t, newest(p));
+    else if (e.name.endsWith('.ts')) t = Math.max(t, statSync(p).mtimeMs);
+  }
+  return t;
+}
+
+/** Like the protocol tests: dist/ must be built from the current src/ (VHOSTD_ALLOW_STALE=1 skips this). */
+export function checkBuilt(): void {
+  if (!existsSync(VHOSTD_BIN)) throw new Error(`${VHOSTD_BIN} is missing: run \`npm run build\``);
+  if (process.env.VHOSTD_BIN || process.env.VHOSTD_ALLOW_STALE === '1') return;
+  if (newest(join(ROOT, 'src')) > statSync(VHOSTD_BIN).mtimeMs) {
+    throw new Error(`${VHOSTD_BIN} is older than src/: run \`npm run build\` (or set VHOSTD_ALLOW_STALE=1)`);
+  }
+}
+
+const live = new Set<ChildProcess>();
+let hooked = false;
+
+export class FuzzDaemon {
+  readonly log = new LogScan();
+  exitInfo: string | undefined;
+  private readonly exitedPromise: Promise<void>;
+
+  private constructor(
+    readonly proc: ChildProcess,
+    readonly dir: string,
+    readonly socket: string,
+    readonly image: string,
+    readonly imageBytes: number,
+    private readonly record: string,
+  ) {
+    this.exitedPromise = new Promise<void>((r) => {
+      proc.once('exit', (code, signal) => {
+        this.exitInfo = signal ? `killed by ${signal}` : `exited with status ${code}`;
+        live.delete(proc);
+        r();
+      });
+      proc.once('error', (e) => {
+        this.exitInfo = `spawn error: ${e.message}`;
+        r();
+      });
+    });
+  }
+
+  get pid(): number {
+    return this.proc.pid!;
+  }
+
+  exited(): boolean {
+    return this.exitInfo !== undefined;
+  }
+
+  static async start(opts: DaemonOptions = {}): Promise<FuzzDaemon> {
+    checkBuilt();
+    reapOrphans();
+    if (!hooked) {
+      hooked = true;
+      process.on('exit', () => {
+        for (const p of live) {
+          try {
+            p.kill('SIGKILL');
+          } catch {
+            /* gone */
+          }
+        }
+      });
+    }
+    const dir = mkdtempSync(join(tmpdir(), 'vhostd-fuzz-'));
+    const socket = join(dir, 'blk.sock');
+    const image = join(dir, 'disk.img');
+    const imageBytes = opts.imageBytes ?? 4 * 1024 * 1024;
+    const fd = openSync(image, 'w');
+    try {
+      if (opts.initImage) opts.initImage(fd, imageBytes);
+      else writeSync(fd, new Uint8Array(1), 0, 1, imageBytes - 1);
+    } finally {
+      closeSync(fd);
+    }
+    const args = [
+      VHOSTD_BIN, 'blk', '--socket', socket, '--file', image, '--num-queues', String(opts.numQueues ?? 2),
+      '--serial', 'vhostd-fuzz', '--log-level', opts.logLevel ?? 'warn', ...(opts.extraArgs ?? []),
+    ];
+    const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    live.add(proc);
+    mkdirSync(REGISTRY, { recursive: true });
+    const record = join(REGISTRY, `${proc.pid ?? 'failed'}-${process.pid}.json`);
+    if (proc.pid !== undefined) writeFileSync(record, JSON.stringify({ pid: proc.pid, owner: process.pid, dir }));
+    const d = new FuzzDaemon(proc, dir, socket, image, imageBytes, record);
+    proc.stdout!.setEncoding('utf8');
+    proc.stderr!.setEncoding('utf8');
+    proc.stdout!.on('data', (s: string) => d.log.feed(s));
+    proc.stderr!.on('data', (s: string) => d.log.feed(s));
+    const deadline = Date.now() + 15_000;
+    for (;;) {
+      try {
+        if (lstatSync(socket).isSocket()) break;
+      } catch {
+        /* not yet */
+      }
+      if (d.exited() || Date.now() > deadline) {
+        await d.stop();
+        throw new Error(`vhostd did not start (${d.exitInfo ?? 'no socket after 15 s'}):\n${d.log.recent()}`);
+      }
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    return d;
+  }
+
+  /** Open fds of the daemon, by link target ("socket:[123]" becomes "socket"). */
+  fds(): FdSnapshot {
+    const targets = new Map<string, number>();
+    let count = 0;
+    const dir = `/proc/${this.pid}/fd`;
+    for (const n of readdirSync(dir)) {
+      let t: string;
+      try {
+        t = readlinkSync(`${dir}/${n}`);
+      } catch {
+        continue; // closed while we looked
+      }
+      t = t.replace(/:\[\d+\]$/, '').replace(/^anon_inode:\[?([a-z_]+)\]?$/, 'anon_inode:$1');
+      count++;
+      targets.set(t, (targets.get(t) ?? 0) + 1);
+    }
+    return { count, targets };
+  }
+
+  /** Mappings of memfds (guest memory) in the daemon. */
+  memfdMaps(): string[] {
+    return readFileSync(`/proc/${this.pid}/maps`, 'utf8')
+      .split('\n')
+      .filter((l) => l.includes('memfd:'));
+  }
+
+  async waitExit(ms: number): Promise<boolean> {
+    if (this.exited()) return true;
+    let t: NodeJS.Timeout | undefined;
+    await Promise.race([this.exitedPromise, new Promise<void>((r) => (t = setTimeout(r, ms)))]);
+    clearTimeout(t);
+    return this.exited();
+  }
+
+  async stop(): Promise<void> {
+    if (!this.exited()) {
+      this.proc.kill('SIGTERM');
+      if (!(await this.waitExit(5_000))) {
+        this.proc.kill('SIGKILL');
+        await this.exitedPromise;
+      }
+    }
+    rmSync(this.dir, { recursive: true, force: true });
+    rmSync(this.record, { force: true });
+  }
+}
+
+/** Compare fd snapshots; returns a description of what grew, or undefined. */
+export function fdGrowth(base: FdSnapshot, now: FdSnapshot, ignore: (target: string) => boolean): string | undefined {
+  const grew: string[] = [];
+  for (const [t, n] of now.targets) {
+    if (ignore(t)) continue;
+    const b = base.targets.get(t) ?? 0;
+    if (n > b) grew.push(`${t}: ${b} -> ${n}`);
+  }
+  return grew.length ? grew.join(', ') : undefined;
+}
