@@ -21,6 +21,7 @@ class UsageError extends Error {}
 
 interface BlkArgs {
   socket: string;
+  client: boolean;
   file: string;
   readonly: boolean;
   numQueues: number;
@@ -53,16 +54,21 @@ export function qemuNetCommandLine(socket: string, pairs: number, mtu?: number):
 }
 
 /** Listen, print how to attach, serve until SIGTERM/SIGINT, then drain and release. */
-async function serve(device: Device, socket: string, log: Logger, attach: string, release: () => void): Promise<number> {
+async function serve(device: Device, socket: string, client: boolean, log: Logger, attach: string, release: () => void): Promise<number> {
   const server = new Server(socket, device, log);
-  try {
-    server.listen();
-  } catch (e) {
-    release();
-    throw new UsageError(`cannot listen on ${socket}: ${(e as Error).message}`);
+  if (client) {
+    server.connect();
+  } else {
+    try {
+      server.listen();
+    } catch (e) {
+      release();
+      throw new UsageError(`cannot listen on ${socket}: ${(e as Error).message}`);
+    }
   }
-  log.info({ socket, queues: device.queueNum }, `vhost-user-${device.kind} ready`);
-  process.stdout.write(`# attach with:\n${attach}\n`);
+  log.info({ socket, client, queues: device.queueNum }, `vhost-user-${device.kind} ready`);
+  const how = client ? attach.replace(/-chardev socket,id=c0,path=(\S+)/, '-chardev socket,id=c0,path=$1,server=on,wait=off') : attach;
+  process.stdout.write(`# attach with:\n${how}\n`);
   const signal = await new Promise<string>((resolve) => {
     process.once('SIGTERM', () => resolve('SIGTERM'));
     process.once('SIGINT', () => resolve('SIGINT'));
@@ -88,7 +94,7 @@ function ensureDefaultImage(path: string, log: Logger): void {
 async function runBlk(args: BlkArgs): Promise<number> {
   const log = pino({ name: 'vhostd', level: args.logLevel });
   if (args.file === DEFAULT_BLK_IMAGE) ensureDefaultImage(args.file, log);
-  if (args.socket === DEFAULT_BLK_SOCKET) mkdirSync(dirname(args.socket), { recursive: true });
+  if (args.socket === DEFAULT_BLK_SOCKET && !args.client) mkdirSync(dirname(args.socket), { recursive: true });
 
   let image: Image;
   try {
@@ -104,11 +110,12 @@ async function runBlk(args: BlkArgs): Promise<number> {
     log,
   );
   log.info({ file: args.file, bytes: image.size, readonly: args.readonly, direct: image.direct }, 'image opened');
-  return serve(device, args.socket, log, qemuCommandLine(args.socket, args.numQueues), () => image.close());
+  return serve(device, args.socket, args.client, log, qemuCommandLine(args.socket, args.numQueues), () => image.close());
 }
 
 interface NetArgs {
   socket: string;
+  client: boolean;
   tap: string;
   persist: boolean;
   numQueues: number;
@@ -118,7 +125,7 @@ interface NetArgs {
 
 async function runNet(args: NetArgs): Promise<number> {
   const log = pino({ name: 'vhostd', level: args.logLevel });
-  if (args.socket === DEFAULT_NET_SOCKET) mkdirSync(dirname(args.socket), { recursive: true });
+  if (args.socket === DEFAULT_NET_SOCKET && !args.client) mkdirSync(dirname(args.socket), { recursive: true });
   let tap: Tap;
   try {
     tap = new Tap({ name: args.tap, queues: args.numQueues, persist: args.persist });
@@ -136,7 +143,7 @@ async function runNet(args: NetArgs): Promise<number> {
   }
   log.info({ tap: tap.name, created: tap.created, persist: args.persist, queuePairs: args.numQueues }, 'tap opened');
   const device = new NetDevice({ tap, queuePairs: args.numQueues, mtu: args.mtu }, log);
-  return serve(device, args.socket, log, qemuNetCommandLine(args.socket, args.numQueues, args.mtu), () => {
+  return serve(device, args.socket, args.client, log, qemuNetCommandLine(args.socket, args.numQueues, args.mtu), () => {
     log.info({ stats: device.stats }, 'traffic totals');
     tap.close();
   });
@@ -159,6 +166,7 @@ export async function main(argv: string[]): Promise<number> {
         (y) =>
           y
             .option('socket', { type: 'string', default: DEFAULT_BLK_SOCKET, describe: 'Unix socket path QEMU connects to' })
+            .option('client', { type: 'boolean', default: false, describe: 'Connect to a front-end listening on --socket (QEMU server=on), reconnecting with backoff' })
             .option('file', { type: 'string', default: DEFAULT_BLK_IMAGE, describe: 'Disk image: a raw file or a block device (the default is created sparse, 1 GiB)' })
             .option('readonly', { type: 'boolean', default: false, describe: 'Expose the disk read-only' })
             .option('num-queues', { type: 'number', default: 1, describe: `Request queues (1..64)` })
@@ -178,6 +186,7 @@ export async function main(argv: string[]): Promise<number> {
         async (a) => {
           result = await runBlk({
             socket: a.socket,
+            client: a.client,
             file: a.file,
             readonly: a.readonly,
             numQueues: a['num-queues'],
@@ -194,6 +203,7 @@ export async function main(argv: string[]): Promise<number> {
         (y) =>
           y
             .option('socket', { type: 'string', default: DEFAULT_NET_SOCKET, describe: 'Unix socket path QEMU connects to' })
+            .option('client', { type: 'boolean', default: false, describe: 'Connect to a front-end listening on --socket (QEMU server=on), reconnecting with backoff' })
             .option('tap', { type: 'string', default: DEFAULT_TAP, describe: 'Tap interface: attached if it exists, else created (and brought up)' })
             .option('persist', { type: 'boolean', default: false, describe: 'Keep a tap that vhostd created after it exits' })
             .option('num-queues', { type: 'number', default: 1, describe: 'Queue pairs (1..16); more than one opens the tap multi-queue' })
@@ -210,6 +220,7 @@ export async function main(argv: string[]): Promise<number> {
         async (a) => {
           result = await runNet({
             socket: a.socket,
+            client: a.client,
             tap: a.tap,
             persist: a.persist,
             numQueues: a['num-queues'],

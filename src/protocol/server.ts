@@ -28,6 +28,10 @@ export function claimSocketPath(path: string): void {
   unlinkSync(path);
 }
 
+/** First and largest wait between connection attempts in client mode. */
+export const BACKOFF_MIN_MS = 50;
+export const BACKOFF_MAX_MS = 2000;
+
 export class Server {
   private listenFd = -1;
   private watch: WatchHandle | undefined;
@@ -36,11 +40,38 @@ export class Server {
   private connections = 0;
   private closing = false;
 
+  private retry: NodeJS.Timeout | undefined;
+  private backoff = BACKOFF_MIN_MS;
+  private failures = 0;
+
   constructor(
     readonly path: string,
     private readonly device: Device,
     private readonly log: Logger,
   ) {}
+
+  /**
+   * Client mode: connect to a front-end listening on the path (QEMU with
+   * server=on), and connect again, with backoff, whenever it goes away.
+   */
+  connect(): void {
+    this.retry = undefined;
+    if (this.closing) return;
+    const fd = native.connect(this.path);
+    if (fd < 0) {
+      // Say it once, then quietly keep trying: the front-end may simply not be up yet.
+      if (this.failures++ === 0) this.log.info({ socket: this.path, errno: -fd }, 'front-end not reachable yet; retrying with backoff');
+      this.retry = setTimeout(() => this.connect(), this.backoff);
+      this.backoff = Math.min(this.backoff * 2, BACKOFF_MAX_MS);
+      return;
+    }
+    this.failures = 0;
+    this.backoff = BACKOFF_MIN_MS;
+    const conn = this.adopt(fd);
+    void conn.done.then(() => {
+      if (!this.closing) this.retry = setTimeout(() => this.connect(), BACKOFF_MIN_MS);
+    });
+  }
 
   listen(): void {
     claimSocketPath(this.path);
@@ -67,20 +98,26 @@ export class Server {
         native.close(fd);
         continue;
       }
-      const id = ++this.connections;
-      const conn = new Connection(fd, this.device, this.log.child({ conn: id }));
-      this.conn = conn;
-      this.log.info({ conn: id }, 'front-end connected');
-      void conn.done.then(() => {
-        if (this.conn === conn) this.conn = undefined;
-        this.log.info({ conn: id }, 'connection closed; device reset, waiting for the next front-end');
-      });
+      this.adopt(fd);
     }
+  }
+
+  private adopt(fd: number): Connection {
+    const id = ++this.connections;
+    const conn = new Connection(fd, this.device, this.log.child({ conn: id }));
+    this.conn = conn;
+    this.log.info({ conn: id }, 'front-end connected');
+    void conn.done.then(() => {
+      if (this.conn === conn) this.conn = undefined;
+      this.log.info({ conn: id }, 'connection closed; device reset, waiting for the next front-end');
+    });
+    return conn;
   }
 
   /** Stop accepting, drain and close the active connection, remove the socket. */
   async close(): Promise<void> {
     this.closing = true;
+    if (this.retry) clearTimeout(this.retry);
     if (this.watch) native.unwatch(this.watch);
     this.watch = undefined;
     if (this.listenFd >= 0) native.close(this.listenFd);

@@ -93,3 +93,72 @@ echo "@@IOERRORS=$(dmesg | grep -ci 'I/O error')"
     GUEST_TIMEOUT + 120_000,
   );
 });
+
+run('vhostd blk --client reconnects to a QEMU server socket', () => {
+  let dir: string;
+  let image: string;
+  let sock: string;
+  let daemon: Backend | undefined;
+  const args = (): string[] => ['--file', image, '--client', '--direct'];
+
+  beforeAll(async () => {
+    await provisionGuestKit();
+    dir = await mkdtemp(join(tmpdir(), 'vhostd-client-'));
+    image = join(dir, 'disk.img');
+    sock = join(dir, 'qemu.sock');
+    await (await open(image, 'w')).close();
+    await truncate(image, 128 << 20);
+    // Started before QEMU listens: it must keep trying until QEMU is up.
+    daemon = await startVhostd(args(), sock);
+  });
+
+  afterAll(async () => {
+    await daemon?.stop();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it(
+    'connects once QEMU listens, and again after each of 3 SIGKILLs',
+    async () => {
+      let kills = 0;
+      let killer: Promise<void> | undefined;
+      const killLoop = async (): Promise<void> => {
+        while (kills < 3) {
+          await new Promise((r) => setTimeout(r, 2000));
+          const d = daemon!;
+          process.kill(d.pid, 'SIGKILL');
+          await d.exited;
+          kills++;
+          daemon = await startVhostd(args(), sock);
+        }
+      };
+      const res = await runGuest({
+        timeoutMs: GUEST_TIMEOUT,
+        devices: [
+          '-chardev', `socket,id=c0,path=${sock},server=on,wait=off`,
+          '-device', 'vhost-user-blk-pci,chardev=c0,num-queues=1',
+        ],
+        onMarker: (key) => {
+          if (key === 'FIO_STARTED') killer ??= killLoop();
+        },
+        script: `
+echo "@@FIO_STARTED=1"
+for round in 1 2 3 4 5 6; do
+  fio --name=c$round --filename=/dev/vda --rw=randwrite --bs=4k --size=32M --ioengine=libaio --iodepth=8 --direct=1 \\
+      --verify=crc32c --do_verify=0 --randseed=$round --output-format=terse --terse-version=3 > /tmp/w.txt 2>&1 || { cat /tmp/w.txt; exit 1; }
+  fio --name=c$round --filename=/dev/vda --rw=randwrite --bs=4k --size=32M --ioengine=libaio --iodepth=8 --direct=1 \\
+      --verify=crc32c --verify_only --randseed=$round --output-format=terse --terse-version=3 > /tmp/v.txt 2>&1 || { cat /tmp/v.txt; exit 2; }
+  echo "@@ROUND$round=$(cut -d';' -f5 /tmp/w.txt),$(cut -d';' -f5 /tmp/v.txt)"
+done
+echo "@@IOERRORS=$(dmesg | grep -ci 'I/O error')"
+`,
+      });
+      await killer;
+      if (res.exitCode !== 0) throw new Error(`guest failed (exit ${res.exitCode}):\n${res.output.slice(-6000)}`);
+      expect(kills).toBe(3);
+      expect(res.markers.IOERRORS).toBe('0');
+      for (let i = 1; i <= 6; i++) expect(res.markers[`ROUND${i}`]).toBe('0,0');
+    },
+    GUEST_TIMEOUT + 120_000,
+  );
+});
