@@ -1,0 +1,99 @@
+// Durability as the syscalls show it: strace on the daemon proves that a
+// FLUSH completes only after fdatasync returned, and that with writeback off a
+// write goes through an O_DSYNC descriptor before it completes.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { S, T } from '../driver/blk.js';
+import { useBackend, waitFor, withSession } from './helpers.js';
+
+interface Syscall {
+  /** Seconds since midnight (UTC), when the call started and ended. */
+  start: number;
+  end: number;
+  name: string;
+  args: string;
+  ret: string;
+}
+
+function secondsOfDay(ms: number): number {
+  const d = new Date(ms);
+  return d.getUTCHours() * 3600 + d.getUTCMinutes() * 60 + d.getUTCSeconds() + d.getUTCMilliseconds() / 1000;
+}
+
+/** strace -f on a running daemon, recording I/O syscalls with start times and durations. */
+async function trace(pid: number): Promise<{ stop(): Promise<Syscall[]> }> {
+  const dir = mkdtempSync(join(tmpdir(), 'vhostd-strace-'));
+  const out = join(dir, 'trace');
+  const child: ChildProcess = spawn(
+    'strace',
+    ['-f', '-tt', '-T', '-e', 'trace=openat,pwritev,pwritev2,pwrite64,fdatasync,fsync', '-o', out, '-p', String(pid)],
+    { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, TZ: 'UTC' } },
+  );
+  let err = '';
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
+  await waitFor(() => /attached/.test(err), 'strace to attach', 10_000);
+  await new Promise((r) => setTimeout(r, 200));
+  return {
+    async stop() {
+      const closed = new Promise((r) => child.once('close', r));
+      child.kill('SIGINT');
+      await closed;
+      const calls: Syscall[] = [];
+      for (const line of readFileSync(out, 'utf8').split('\n')) {
+        const m = /^\d+\s+(\d+):(\d+):(\d+\.\d+) (\w+)\((.*)\)\s+= (\S+).*<(\d+\.\d+)>$/.exec(line);
+        if (!m) continue;
+        const start = Number(m[1]) * 3600 + Number(m[2]) * 60 + Number(m[3]);
+        calls.push({ start, end: start + Number(m[7]), name: m[4]!, args: m[5]!, ret: m[6]! });
+      }
+      rmSync(dir, { recursive: true, force: true });
+      return calls;
+    },
+  };
+}
+
+describe('durability (vhostd, seen through strace)', () => {
+  const be = useBackend('vhostd');
+
+  it('completes FLUSH only after fdatasync has returned', async () => {
+    await withSession(be(), async (s) => {
+      await s.startDevice({ queues: 1 });
+      const q = s.blk[0]!;
+      expect((await q.run({ type: T.OUT, sector: 8, out: new Uint8Array(4096).fill(7) })).status).toBe(S.OK);
+      const tr = await trace(be().proc.pid!);
+      const before = secondsOfDay(Date.now());
+      const r = await q.run({ type: T.FLUSH });
+      const after = secondsOfDay(Date.now());
+      const calls = await tr.stop();
+      expect(r.status).toBe(S.OK);
+      const syncs = calls.filter((c) => c.name === 'fdatasync' && c.ret === '0');
+      expect(syncs.length, 'an fdatasync during the FLUSH').toBeGreaterThan(0);
+      // It started after the request was sent and returned before the completion was seen.
+      expect(syncs.some((c) => c.start >= before - 0.001 && c.end <= after + 0.001)).toBe(true);
+    });
+  });
+
+  it('with writeback off, writes go through O_DSYNC before they complete', async () => {
+    await withSession(be(), async (s) => {
+      await s.startDevice({ queues: 1 });
+      const tr = await trace(be().proc.pid!);
+      expect(await s.fe.setConfig(32, Uint8Array.of(0))).toBe(0n); // writeback byte: write through
+      const before = secondsOfDay(Date.now());
+      const r = await s.blk[0]!.run({ type: T.OUT, sector: 16, out: new Uint8Array(4096).fill(9) });
+      const after = secondsOfDay(Date.now());
+      const calls = await tr.stop();
+      expect(r.status).toBe(S.OK);
+      const open = calls.find((c) => c.name === 'openat' && c.args.includes('O_DSYNC') && c.args.includes(be().image));
+      expect(open, 'an O_DSYNC descriptor on the image').toBeDefined();
+      const fd = open!.ret;
+      const write = calls.find((c) => c.name.startsWith('pwrite') && c.args.startsWith(`${fd},`));
+      expect(write, `a write through fd ${fd}`).toBeDefined();
+      expect(write!.start).toBeGreaterThanOrEqual(before - 0.001);
+      expect(write!.end).toBeLessThanOrEqual(after + 0.001);
+      // Back to writeback for the tests after this one.
+      expect(await s.fe.setConfig(32, Uint8Array.of(1))).toBe(0n);
+    });
+  });
+});
