@@ -199,6 +199,13 @@ export class Connection {
     return v;
   }
 
+  /** A queue whose configuration may change: it must not be running. */
+  private idleVring(index: number, request: number): Vring {
+    const v = this.vring(index, request);
+    if (v.started) throw new ProtocolError(`${requestName(request)}: queue ${index} is running`);
+    return v;
+  }
+
   private async dispatch(msg: Message): Promise<void> {
     const { request, payload } = msg;
     this.log.debug({ request: requestName(request), size: payload.length, fds: msg.fds.length }, 'message');
@@ -312,12 +319,11 @@ export class Connection {
       case Req.SET_VRING_NUM: {
         expectSize(request, payload, SIZE_VRING_STATE);
         const s = decodeVringState(payload);
-        const v = this.vring(s.index, request);
+        const v = this.idleVring(s.index, request);
         const max = Math.min(this.device.maxQueueSize, MAX_QUEUE_SIZE);
         if (s.num < 1 || s.num > max || (s.num & (s.num - 1)) !== 0) {
           throw new ProtocolError(`SET_VRING_NUM: size ${s.num} is not a power of two in 1..${max}`);
         }
-        if (v.started) throw new ProtocolError(`SET_VRING_NUM: queue ${s.index} is running`);
         v.size = s.num;
         this.ack(msg, true);
         return;
@@ -325,9 +331,8 @@ export class Connection {
       case Req.SET_VRING_BASE: {
         expectSize(request, payload, SIZE_VRING_STATE);
         const s = decodeVringState(payload);
-        const v = this.vring(s.index, request);
+        const v = this.idleVring(s.index, request);
         if (s.num > 0xffff) throw new ProtocolError(`SET_VRING_BASE: ${s.num} does not fit a split ring index`);
-        if (v.started) throw new ProtocolError(`SET_VRING_BASE: queue ${s.index} is running`);
         v.base = s.num;
         this.ack(msg, true);
         return;
@@ -335,10 +340,9 @@ export class Connection {
       case Req.SET_VRING_ADDR: {
         expectSize(request, payload, SIZE_VRING_ADDR);
         const a = decodeVringAddr(payload);
-        const v = this.vring(a.index, request);
+        const v = this.idleVring(a.index, request);
         const limit = BigInt(Number.MAX_SAFE_INTEGER);
         if (a.desc > limit || a.avail > limit || a.used > limit) throw new ProtocolError('SET_VRING_ADDR: address beyond 2^53');
-        if (v.started) throw new ProtocolError(`SET_VRING_ADDR: queue ${a.index} is running`);
         v.addrs = { desc: Number(a.desc), avail: Number(a.avail), used: Number(a.used) };
         this.ack(msg, true);
         return;
