@@ -37,7 +37,7 @@ describe('vhostd net through the protocol driver', () => {
     fe = await FrontEnd.connect(daemon.socket);
     mem = new GuestMemory();
     const offered = await fe.getFeatures();
-    await fe.setProtocolFeatures((await fe.getProtocolFeatures()) & (bit(PF.MQ) | bit(PF.REPLY_ACK)));
+    await fe.setProtocolFeatures((await fe.getProtocolFeatures()) & (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.RARP)));
     await fe.setOwner();
     await fe.setFeatures(offered & (bit(VF.VERSION_1) | bit(VF.PROTOCOL_FEATURES)));
     await fe.setMemTable(mem.table());
@@ -80,6 +80,33 @@ s.bind(("${TAP}", 0))
 for i in range(${count}): s.send(bytes.fromhex("${Buffer.from(FRAME).toString('hex')}"))
 '`);
   }
+
+  it('SEND_RARP announces the MAC from the tap', async () => {
+    // A packet socket on the tap sees what vhostd writes into it.
+    const sniff = ns.spawn('python3', ['-c', `
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035))
+s.bind(("${TAP}", 0))
+print("ready", flush=True)
+print(s.recv(2048).hex(), flush=True)
+`]);
+    let out = '';
+    sniff.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
+    const done = new Promise((r) => sniff.once('close', r));
+    for (let i = 0; i < 100 && !out.includes('ready'); i++) await new Promise((r) => setTimeout(r, 50));
+    const mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    const payload = new Uint8Array(8);
+    payload.set(mac);
+    expect(await fe.command(19 /* SEND_RARP */, payload, [], { needReply: true })).toBe(0n);
+    await done;
+    const frame = Buffer.from(out.split('\n')[1]!.trim(), 'hex');
+    const hex = (b: Uint8Array): string => Buffer.from(b).toString('hex');
+    expect(hex(frame.subarray(0, 6))).toBe('ffffffffffff');
+    expect(hex(frame.subarray(6, 12))).toBe(hex(Uint8Array.from(mac)));
+    expect(frame.readUInt16BE(12)).toBe(0x8035);
+    expect(frame.readUInt16BE(20)).toBe(3); // reverse request
+    expect(hex(frame.subarray(22, 28))).toBe(hex(Uint8Array.from(mac)));
+  });
 
   it('drops malformed TX chains, counts them, and keeps the queue running', async () => {
     const before = tapStat('rx_packets');
