@@ -547,6 +547,9 @@ export class Connection {
     this.device.reset();
     this.inflight?.close();
     this.inflight = undefined;
+    // With CONFIGURE_MEM_SLOTS QEMU only ever sends changes to the table it
+    // believes we hold, so keep it; otherwise the next SET_MEM_TABLE brings it.
+    if (!(this.ackedProtocol & bit(ProtocolFeature.CONFIGURE_MEM_SLOTS))) this.mem.clear();
     this.ackedFeatures = 0n;
     this.featuresSet = false;
   }

@@ -95,12 +95,18 @@ export class GuestMemory {
         }
       }
       // hugetlbfs needs huge-page alignment; st_blksize reports it (4 KiB for memfd/tmpfs).
-      let align = native.pageSize();
+      let st;
       try {
-        align = Math.max(align, fstatSync(spec.fd).blksize);
+        st = fstatSync(spec.fd);
       } catch {
         throw new MemoryError(`region fd ${spec.fd} is not a valid file descriptor`);
       }
+      if (!st.isFile()) throw new MemoryError('region fd is not a memory file (memfd, hugetlbfs or tmpfs file)');
+      // Touching a mapping beyond the end of its file raises SIGBUS: refuse such regions up front.
+      if (st.size < mmapOffset + size) {
+        throw new MemoryError(`region needs ${mmapOffset + size} bytes of its fd, which holds ${st.size}`);
+      }
+      const align = Math.max(native.pageSize(), st.blksize);
       const mapOffset = Math.floor(mmapOffset / align) * align;
       const skew = mmapOffset - mapOffset;
       const mapLength = Math.ceil((size + skew) / align) * align;

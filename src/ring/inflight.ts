@@ -5,6 +5,7 @@
 // Per queue: a 16-byte header {u64 features, u16 version, u16 desc_num,
 // u16 last_batch_head, u16 used_idx} and desc_num 16-byte entries
 // {u8 inflight, u8 pad[5], u16 next, u64 counter}, padded to 64 bytes.
+import { fstatSync } from 'node:fs';
 import { native, PROT_READ, PROT_WRITE } from '../native/index.js';
 import { u16 } from './split-ring.js';
 
@@ -48,6 +49,16 @@ export class InflightArea {
         throw new InflightError(`inflight area is ${mmapSize} bytes, expected ${need}`);
       }
       if (mmapOffset % 4096n || mmapOffset > 1n << 40n) throw new InflightError(`inflight mmap offset ${mmapOffset} is invalid`);
+      let st;
+      try {
+        st = fstatSync(fd);
+      } catch {
+        throw new InflightError(`inflight fd ${fd} is not a valid file descriptor`);
+      }
+      // A mapping past the end of its file raises SIGBUS on first touch.
+      if (!st.isFile() || BigInt(st.size) < mmapOffset + BigInt(need)) {
+        throw new InflightError(`inflight fd holds ${st.size} bytes, the area needs ${mmapOffset + BigInt(need)}`);
+      }
       this.length = need;
       try {
         this.address = native.mmap(fd, need, mmapOffset, PROT_READ | PROT_WRITE);

@@ -13,8 +13,11 @@ import {
   F_NEED_REPLY,
   frame,
   HDR,
+  inflightMsg,
+  INFLIGHT_MSG_SIZE,
   memTable,
   PF,
+  readInflightMsg,
   readU64,
   REPLY_FLAGS,
   Req,
@@ -25,6 +28,7 @@ import {
   VRING_NOFD,
   vringAddr,
   vringState,
+  type InflightMsg,
   type RegionMsg,
   type VringAddrMsg,
 } from './wire.js';
@@ -217,13 +221,13 @@ export class FrontEnd {
     this.sendBytes(frame(request, flags, payload, size), fds);
   }
 
-  /** Check a reply header exactly as QEMU does, plus the size we expect. */
-  checkReply(m: Message, request: number, size?: number): void {
+  /** Check a reply header exactly as QEMU does, plus the size we expect (and the fd count: none unless told). */
+  checkReply(m: Message, request: number, size?: number, fds = 0): void {
     const where = `reply to ${reqName(request)}`;
     if (m.flags !== REPLY_FLAGS) throw new FrontEndError(`${where}: flags 0x${m.flags.toString(16)}, must be exactly 0x5`);
     if (m.request !== request) throw new FrontEndError(`${where}: carries request ${reqName(m.request)}`);
     if (size !== undefined && m.size !== size) throw new FrontEndError(`${where}: payload ${m.size} bytes, expected ${size}`);
-    if (m.fds.length) throw new FrontEndError(`${where}: carries ${m.fds.length} unexpected fds`);
+    if (m.fds.length !== fds) throw new FrontEndError(`${where}: carries ${m.fds.length} fds, expected ${fds}`);
   }
 
   /** A request whose reply has a body (GET_*): exactly one reply. */
@@ -351,6 +355,28 @@ export class FrontEnd {
 
   setVringEnable(index: number, enable: boolean, opts?: SendOptions): Promise<bigint> {
     return this.command(Req.SET_VRING_ENABLE, vringState(index, enable ? 1 : 0), [], opts);
+  }
+
+  /**
+   * GET_INFLIGHT_FD: the reply carries the area's description and exactly one
+   * fd, now ours to close. A wrong fd count closes whatever came and throws.
+   */
+  async getInflightFd(numQueues: number, queueSize: number): Promise<InflightMsg & { fd: number }> {
+    const req = inflightMsg({ mmapSize: 0n, mmapOffset: 0n, numQueues, queueSize });
+    this.send(Req.GET_INFLIGHT_FD, VERSION, req);
+    const m = await this.recv();
+    try {
+      this.checkReply(m, Req.GET_INFLIGHT_FD, INFLIGHT_MSG_SIZE, 1);
+    } catch (e) {
+      for (const fd of m.fds) native.close(fd);
+      throw e;
+    }
+    return { ...readInflightMsg(m.payload), fd: m.fds[0]! };
+  }
+
+  /** SET_INFLIGHT_FD with the area's fd (or none, for malformed-message tests). */
+  setInflightFd(desc: InflightMsg, fd: number | null, opts?: SendOptions): Promise<bigint> {
+    return this.command(Req.SET_INFLIGHT_FD, inflightMsg(desc), fd === null ? [] : [fd], opts);
   }
 
   /** Close our end. Safe to call twice. */

@@ -290,6 +290,14 @@ export class SplitQueue {
       if (this.eventIdx && this.autoUsedEvent) this.setUsedEvent(this.lastUsed);
       out.push(...this.collect());
       if (out.length >= min) return out;
+      // The collect moved lastUsed past the used_event just published, which the
+      // device may already have passed: without moving it again and re-checking,
+      // no interrupt comes until the index wraps.
+      if (this.eventIdx && this.autoUsedEvent) {
+        this.setUsedEvent(this.lastUsed);
+        out.push(...this.collect());
+        if (out.length >= min) return out;
+      }
       const left = deadline - Date.now();
       if (left <= 0) {
         throw new Error(

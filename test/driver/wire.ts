@@ -186,3 +186,33 @@ export function configMsg(offset: number, size: number, flags: number, data?: Ui
   if (data) b.set(data, 12);
   return b;
 }
+
+/** VhostUserInflight: {u64 mmap_size, u64 mmap_offset, u16 num_queues, u16 queue_size}, padded to 24 bytes. */
+export interface InflightMsg {
+  mmapSize: bigint;
+  mmapOffset: bigint;
+  numQueues: number;
+  queueSize: number;
+}
+
+export const INFLIGHT_MSG_SIZE = 24;
+
+export function inflightMsg(m: InflightMsg): Uint8Array {
+  const b = new Uint8Array(INFLIGHT_MSG_SIZE);
+  const dv = new DataView(b.buffer);
+  dv.setBigUint64(0, m.mmapSize, true);
+  dv.setBigUint64(8, m.mmapOffset, true);
+  dv.setUint16(16, m.numQueues, true);
+  dv.setUint16(18, m.queueSize, true);
+  return b;
+}
+
+export function readInflightMsg(p: Uint8Array): InflightMsg {
+  const dv = new DataView(p.buffer, p.byteOffset, p.byteLength);
+  return {
+    mmapSize: dv.getBigUint64(0, true),
+    mmapOffset: dv.getBigUint64(8, true),
+    numQueues: dv.getUint16(16, true),
+    queueSize: dv.getUint16(18, true),
+  };
+}
