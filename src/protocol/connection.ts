@@ -54,6 +54,9 @@ export const BASE_PROTOCOL_FEATURES =
   bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
   bit(ProtocolFeature.RESET_DEVICE);
 
+/** Messages buffered while one is still being handled (e.g. GET_VRING_BASE draining I/O). */
+const MAX_QUEUED = 256;
+
 /** Memory slots offered with CONFIGURE_MEM_SLOTS. QEMU caps it at its own limit. */
 export const MAX_MEM_SLOTS = 32;
 
@@ -137,6 +140,8 @@ export class Connection {
           if (h.size > 0) continue;
         }
         this.queue.push({ request: r.header.request, flags: r.header.flags, payload: r.buf, fds: r.fds });
+        // QEMU waits for each reply; a peer that floods us while a handler waits is hostile.
+        if (this.queue.length > MAX_QUEUED) throw new ProtocolError(`more than ${MAX_QUEUED} messages queued behind a pending one`);
         this.reading = { buf: this.header, got: 0, fds: [] };
         void this.pump();
       }
