@@ -74,7 +74,12 @@ export class RawConn {
     this.notify();
   }
 
+  /**
+   * Split the bytes into replies. fds travel with the first byte of the sendmsg that carried them, and a
+   * read stops after the segment holding them, so they belong to the last reply this read completed.
+   */
   private parse(): void {
+    const first = this.replies.length;
     let off = 0;
     while (this.rxLen - off >= HDR) {
       const dv = new DataView(this.rx.buffer, off, HDR);
@@ -91,15 +96,23 @@ export class RawConn {
         flags: dv.getUint32(4, true),
         size,
         payload: this.rx.slice(off + HDR, off + HDR + size),
-        fds: this.rxFds,
+        fds: 0,
       });
-      this.rxFds = 0;
       off += HDR + size;
+    }
+    if (this.rxFds && this.replies.length > first) {
+      this.replies[this.replies.length - 1]!.fds = this.rxFds;
+      this.rxFds = 0;
     }
     if (off) {
       this.rx.copyWithin(0, off, this.rxLen);
       this.rxLen -= off;
     }
+  }
+
+  /** Take whatever the socket holds now, without waiting. */
+  poll(): void {
+    if (!this.eof && !this.closed) this.onReadable();
   }
 
   /** Bytes of a reply still incomplete when the connection ended. */

@@ -18,6 +18,7 @@ import {
   readdirSync,
   readFileSync,
   readlinkSync,
+  readSync,
   rmSync,
   statSync,
   writeFileSync,
@@ -41,10 +42,16 @@ export interface DaemonOptions {
   extraArgs?: string[];
 }
 
-/** What the daemon said, digested. */
+/** What the daemon said, digested: read from its log file by scan(). */
 export class LogScan {
   lines = 0;
-  /** 'closing connection: protocol violation' lines. */
+  private offset = 0;
+  private readonly buf = Buffer.alloc(1 << 20);
+
+  constructor(private readonly path: string) {}
+
+  private fd = -1;
+  /** 'closing connection: ...' lines (a protocol violation, or an internal error). */
   protocolCloses = 0;
   /** 'virtqueue failed' lines. */
   queueFailures = 0;
@@ -53,7 +60,29 @@ export class LogScan {
   private readonly tail: string[] = [];
   private partial = '';
 
-  feed(chunk: string): void {
+  /** Read what the daemon wrote since the last scan (one read(2) when there is nothing new). */
+  scan(): void {
+    if (this.fd < 0) {
+      try {
+        this.fd = openSync(this.path, 'r');
+      } catch {
+        return;
+      }
+    }
+    for (;;) {
+      const n = readSync(this.fd, this.buf, 0, this.buf.length, this.offset);
+      if (n <= 0) break;
+      this.offset += n;
+      this.feed(this.buf.toString('utf8', 0, n));
+    }
+  }
+
+  close(): void {
+    if (this.fd >= 0) closeSync(this.fd);
+    this.fd = -1;
+  }
+
+  private feed(chunk: string): void {
     const text = this.partial + chunk;
     const parts = text.split('\n');
     this.partial = parts.pop()!;
@@ -74,9 +103,9 @@ export class LogScan {
         return;
       }
       const msg = o.msg ?? '';
-      if (msg === 'closing connection: protocol violation') this.protocolCloses++;
-      else if (msg.startsWith('virtqueue failed')) this.queueFailures++;
-      else if (msg.includes('internal error') || msg === 'error while stopping rings') this.problem(line);
+      if (msg.startsWith('closing connection')) this.protocolCloses++;
+      if (msg.startsWith('virtqueue failed')) this.queueFailures++;
+      if (msg.includes('internal error') || msg === 'error while stopping rings') this.problem(line);
       else if ((o.level ?? 0) >= 60) this.problem(line);
       return;
     }
@@ -90,7 +119,20 @@ export class LogScan {
   }
 
   recent(n = 25): string {
+    this.scan();
     return this.tail.slice(-n).join('\n');
+  }
+}
+
+/** One line for a daemon log line: its message, the error and where it was thrown. */
+export function summarizeLogLine(line: string): string {
+  try {
+    const o = JSON.parse(line) as { msg?: string; reason?: string; err?: { message?: string; stack?: string } | string };
+    const err = typeof o.err === 'string' ? o.err : o.err?.message;
+    const at = typeof o.err === 'object' ? o.err?.stack?.split('\n')[1]?.trim() : undefined;
+    return [o.msg, o.reason, err, at && `(${at})`].filter(Boolean).join(': ');
+  } catch {
+    return line;
   }
 }
 
@@ -159,7 +201,6 @@ const live = new Set<ChildProcess>();
 let hooked = false;
 
 export class FuzzDaemon {
-  readonly log = new LogScan();
   exitInfo: string | undefined;
   private readonly exitedPromise: Promise<void>;
 
@@ -170,6 +211,8 @@ export class FuzzDaemon {
     readonly image: string,
     readonly imageBytes: number,
     private readonly record: string,
+    /** The daemon's output; call log.scan() to read what it wrote since. */
+    readonly log: LogScan,
   ) {
     this.exitedPromise = new Promise<void>((r) => {
       proc.once('exit', (code, signal) => {
@@ -218,20 +261,28 @@ export class FuzzDaemon {
     } finally {
       closeSync(fd);
     }
+    // VHOSTD_FUZZ_NODE_ARGS: extra node flags for the daemon (e.g. --cpu-prof), for diagnosis.
+    const nodeArgs = (process.env.VHOSTD_FUZZ_NODE_ARGS ?? '').split(' ').filter(Boolean);
     const args = [
+      ...nodeArgs,
       VHOSTD_BIN, 'blk', '--socket', socket, '--file', image, '--num-queues', String(opts.numQueues ?? 2),
       '--serial', 'vhostd-fuzz', '--log-level', opts.logLevel ?? 'warn', ...(opts.extraArgs ?? []),
     ];
-    const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    // Output goes to a file, not a pipe: a pipe the test process drains only when its event loop
+    // is free would block the daemon's synchronous log writes. LogScan reads the file as it grows.
+    const logPath = join(dir, 'vhostd.log');
+    const logFd = openSync(logPath, 'a');
+    let proc: ChildProcess;
+    try {
+      proc = spawn(process.execPath, args, { stdio: ['ignore', logFd, logFd] });
+    } finally {
+      closeSync(logFd);
+    }
     live.add(proc);
     mkdirSync(REGISTRY, { recursive: true });
     const record = join(REGISTRY, `${proc.pid ?? 'failed'}-${process.pid}.json`);
     if (proc.pid !== undefined) writeFileSync(record, JSON.stringify({ pid: proc.pid, owner: process.pid, dir }));
-    const d = new FuzzDaemon(proc, dir, socket, image, imageBytes, record);
-    proc.stdout!.setEncoding('utf8');
-    proc.stderr!.setEncoding('utf8');
-    proc.stdout!.on('data', (s: string) => d.log.feed(s));
-    proc.stderr!.on('data', (s: string) => d.log.feed(s));
+    const d = new FuzzDaemon(proc, dir, socket, image, imageBytes, record, new LogScan(logPath));
     const deadline = Date.now() + 15_000;
     for (;;) {
       try {
@@ -274,6 +325,23 @@ export class FuzzDaemon {
       .filter((l) => l.includes('memfd:'));
   }
 
+  /** CPU time the daemon used over `ms` wall time, as a fraction of one core (1 = a busy loop). */
+  async cpuBusy(ms = 300): Promise<number | undefined> {
+    const ticks = (): number | undefined => {
+      try {
+        const f = readFileSync(`/proc/${this.pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+        return Number(f[11]) + Number(f[12]);
+      } catch {
+        return undefined;
+      }
+    };
+    const a = ticks();
+    await new Promise((r) => setTimeout(r, ms));
+    const b = ticks();
+    if (a === undefined || b === undefined) return undefined;
+    return (b - a) / 100 / (ms / 1000);
+  }
+
   async waitExit(ms: number): Promise<boolean> {
     if (this.exited()) return true;
     let t: NodeJS.Timeout | undefined;
@@ -282,14 +350,17 @@ export class FuzzDaemon {
     return this.exited();
   }
 
-  async stop(): Promise<void> {
+  /** SIGTERM (the daemon drains and exits), or SIGKILL at once for a hung one. */
+  async stop(kill = false): Promise<void> {
     if (!this.exited()) {
-      this.proc.kill('SIGTERM');
+      this.proc.kill(kill ? 'SIGKILL' : 'SIGTERM');
       if (!(await this.waitExit(5_000))) {
         this.proc.kill('SIGKILL');
         await this.exitedPromise;
       }
     }
+    this.log.scan();
+    this.log.close();
     rmSync(this.dir, { recursive: true, force: true });
     rmSync(this.record, { force: true });
   }

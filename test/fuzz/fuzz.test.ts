@@ -1,0 +1,55 @@
+// Both fuzzers with fixed seeds and bounded counts, for CI. Longer runs:
+// `npm run fuzz -- --target socket|ring|both --count N --seed S`.
+//
+// VHOSTD_FUZZ_COUNT overrides the number of inputs of each fuzzer, and
+// VHOSTD_FUZZ_SEED the seed. The defaults are sized so that both together
+// stay well under three minutes on a 2-core CI machine (see the README in
+// this directory for the measured rates).
+import { describe, expect, it } from 'vitest';
+import { describeFailure, type FuzzStats } from './common.js';
+import { parseSeed } from './prng.js';
+import { run as runRing } from './ring-fuzz.js';
+import { run as runSocket } from './socket-fuzz.js';
+
+const SOCKET_COUNT = 80_000;
+const RING_COUNT = 80_000;
+
+function count(fallback: number): number {
+  const v = process.env.VHOSTD_FUZZ_COUNT;
+  if (v === undefined || v === '') return fallback;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`VHOSTD_FUZZ_COUNT=${v} is not a positive integer`);
+  return n;
+}
+
+const SEED = parseSeed(process.env.VHOSTD_FUZZ_SEED, 0x7d05);
+
+function summary(st: FuzzStats): string {
+  const extra = Object.entries(st.extra).map(([k, v]) => `${k} ${v}`).join(', ');
+  return `[${st.target}] seed ${st.seed}: ${st.inputs} inputs in ${(st.elapsedMs / 1000).toFixed(1)} s (${st.rate.toFixed(0)}/s); closes ${st.closes}, replies ${st.replies}; ${extra}`;
+}
+
+/** Every failure on one line with its replay command, then the details. */
+function report(st: FuzzStats): string[] {
+  return st.failures.map((f) => describeFailure(f, st.target));
+}
+
+// Measured on the 2-core development VM, with vhostd's known bugs (which cost a few hang
+// timeouts and restarts): socket ~1,300-1,550 inputs/s, ring ~1,500 inputs/s, so 80k + 80k take
+// about 105 s. The issue's 100k each takes 130-145 s: under three minutes, but not well under
+// on a tight CI budget; VHOSTD_FUZZ_COUNT=100000 runs it. The timeouts leave room for a slower machine.
+describe('fuzz', () => {
+  it('socket: a hostile front-end gets a correct reply or a close, the daemon never crashes, hangs or leaks', { timeout: 170_000 }, async () => {
+    const st = await runSocket({ seed: SEED, count: count(SOCKET_COUNT), log: (l) => console.log(l.split('\n')[0]) });
+    console.log(summary(st));
+    expect(report(st)).toEqual([]);
+    expect(st.inputs).toBe(count(SOCKET_COUNT));
+  });
+
+  it('ring: a hostile guest fails its own queue only, the other keeps serving, nothing lands outside a request', { timeout: 170_000 }, async () => {
+    const st = await runRing({ seed: SEED, count: count(RING_COUNT), log: (l) => console.log(l.split('\n')[0]) });
+    console.log(summary(st));
+    expect(report(st)).toEqual([]);
+    expect(st.inputs).toBe(count(RING_COUNT));
+  });
+});

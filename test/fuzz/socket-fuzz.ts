@@ -1,0 +1,1476 @@
+// Socket fuzzer: a hostile vhost-user front-end. Each input is one connection
+// carrying a mutated version of the message sequence QEMU 7.2 sends a
+// vhost-user-blk back-end (negotiation, memory table, rings, some I/O, stop).
+//
+// For every input the daemon must reply correctly (flags exactly 0x5, the
+// request's own code, a well-formed body) or close the connection, within a
+// timeout; it must never crash or hang; every close must be logged; and after
+// each batch it must serve a well-formed session, with no fds or memfd
+// mappings left behind.
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { constants, ftruncateSync, mkdtempSync, openSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { native, EFD_CLOEXEC, EFD_NONBLOCK, MFD_CLOEXEC, PROT_READ, PROT_WRITE } from '../../src/native/index.js';
+import { T } from '../driver/blk.js';
+import { GiB, GuestMemory, MiB } from '../driver/guest.js';
+import { DRIVER_FEATURES, DRIVER_PROTOCOL } from '../driver/session.js';
+import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE } from '../driver/virtqueue.js';
+import { inflightQueueRegion } from '../driver/inflight.js';
+import {
+  bit,
+  configMsg,
+  F_NEED_REPLY,
+  has,
+  inflightMsg,
+  memTable,
+  PF,
+  readU64,
+  Req,
+  reqName,
+  singleRegion,
+  u64,
+  VERSION,
+  VF,
+  VRING_NOFD,
+  vringAddr,
+  vringState,
+  type RegionMsg,
+} from '../driver/wire.js';
+import { frame, RawConn, type Reply } from './client.js';
+import {
+  checkLeaks,
+  connectAccepted,
+  describeFailure,
+  envAvoid,
+  healthySession,
+  idleState,
+  Suppressor,
+  Ticker,
+  type Baseline,
+  type Failure,
+  type FuzzStats,
+  type RunOptions,
+} from './common.js';
+import { FuzzDaemon, summarizeLogLine } from './daemon.js';
+import { Rng } from './prng.js';
+
+const NUM_QUEUES = 2;
+const REPLY_TIMEOUT_MS = 2_000;
+const NR = F_NEED_REPLY;
+const V = VERSION;
+/** Requests whose reply carries a body: answered whatever need_reply says. */
+const GETS = new Set<number>([
+  Req.GET_FEATURES, Req.GET_VRING_BASE, Req.GET_PROTOCOL_FEATURES, Req.GET_QUEUE_NUM, Req.GET_CONFIG,
+  Req.GET_INFLIGHT_FD, Req.GET_MAX_MEM_SLOTS, Req.GET_STATUS,
+]);
+const KNOWN = Object.values(Req) as number[];
+const UNKNOWN_CODES = [0, 19, 20, 22, 23, 26, 27, 28, 29, 30, 33, 35, 41, 42, 99, 255, 0x7fffffff, 0xffffffff];
+
+// ---------------------------------------------------------------- resources
+
+interface NamedFd {
+  name: string;
+  fd: number;
+  /** epoll accepts it (eventfd, pipe, socket). */
+  pollable: boolean;
+  /** Bytes mappable from it, when it is a file (undefined: not mappable or unbounded). */
+  fileSize?: number;
+}
+
+interface RegionInfo {
+  msg: RegionMsg;
+  fd: number;
+}
+
+/** Guest memory, eventfds and odd fds, made once per run and passed (dup'ed by sendmsg) to every input. */
+class Resources {
+  readonly mem: GuestMemory;
+  readonly regions: RegionInfo[];
+  readonly kick: number[] = [];
+  readonly call: number[] = [];
+  readonly err: number[] = [];
+  readonly junk: NamedFd[] = [];
+  readonly names = new Map<number, string>();
+  readonly fileSize = new Map<number, number>();
+  private readonly dir: string;
+  private readonly own: number[] = [];
+  /** Region 0 as bytes and as a DataView, for rings and request buffers. */
+  readonly r0: Uint8Array;
+  readonly r0v: DataView;
+  /** An inflight area the front-end hands over with SET_INFLIGHT_FD, mapped here to write its contents. */
+  readonly inflightFd: number;
+  private readonly inflightAddr: bigint;
+  readonly inflight: Uint8Array;
+
+  constructor() {
+    // Region 0 holds rings and buffers; 1 is adjacent; 2 sits above 4 GiB at a 3 GiB file offset, like QEMU's high RAM.
+    this.mem = new GuestMemory([
+      { gpa: 0, size: 1 * MiB, mmapOffset: 0 },
+      { gpa: 1 * MiB, size: 1 * MiB, mmapOffset: 2 * MiB },
+      { gpa: 4 * GiB, size: 1 * MiB, mmapOffset: 3 * GiB },
+    ]);
+    this.regions = this.mem.regions.map((r) => ({ msg: r.message(), fd: r.fd }));
+    this.mem.regions.forEach((r, i) => {
+      this.names.set(r.fd, `region${i}-memfd`);
+      this.fileSize.set(r.fd, r.mmapOffset + r.size);
+    });
+    this.r0 = this.mem.regions[0]!.bytes;
+    this.r0v = new DataView(this.r0.buffer, this.r0.byteOffset, this.r0.byteLength);
+    for (let q = 0; q < NUM_QUEUES; q++) {
+      for (const [list, name] of [[this.kick, 'kick'], [this.call, 'call'], [this.err, 'err']] as const) {
+        const fd = native.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        this.own.push(fd);
+        list.push(fd);
+        this.names.set(fd, `${name}${q}-eventfd`);
+      }
+    }
+    this.dir = mkdtempSync(join(tmpdir(), 'vhostd-fuzz-fds-'));
+    const add = (name: string, fd: number, pollable: boolean, fileSize?: number): void => {
+      this.own.push(fd);
+      this.junk.push({ name, fd, pollable, fileSize });
+      this.names.set(fd, name);
+      if (fileSize !== undefined) this.fileSize.set(fd, fileSize);
+    };
+    add('eventfd', native.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC), true);
+    add('/dev/null', openSync('/dev/null', 'r'), false);
+    add('/dev/zero', openSync('/dev/zero', 'r+'), false);
+    const fifo = join(this.dir, 'fifo');
+    execFileSync('mkfifo', [fifo]);
+    add('pipe', openSync(fifo, constants.O_RDWR | constants.O_NONBLOCK), true);
+    add('directory', openSync(this.dir, 'r'), false);
+    add('unix-socket', native.socket(1 /* AF_UNIX */, 1 /* SOCK_STREAM */, 0), true);
+    const small = native.memfdCreate('vhostd-fuzz-small', MFD_CLOEXEC);
+    ftruncateSync(small, 4096);
+    add('small-memfd', small, false, 4096);
+    add('readonly-memfd', openSync(`/proc/self/fd/${this.regions[0]!.fd}`, 'r'), false, 1 * MiB);
+    const file = openSync(join(this.dir, 'file'), 'w+');
+    ftruncateSync(file, 1 * MiB);
+    add('regular-file', file, false, 1 * MiB);
+    // OUT data: anything but zeros.
+    this.r0.fill(0x5a, DATA_GPA, DATA_GPA + NUM_QUEUES * 0x10000);
+    this.inflightFd = native.memfdCreate('vhostd-fuzz-inflight', MFD_CLOEXEC);
+    ftruncateSync(this.inflightFd, INFLIGHT_FILE);
+    this.inflightAddr = native.mmap(this.inflightFd, INFLIGHT_FILE, 0, PROT_READ | PROT_WRITE);
+    this.inflight = new Uint8Array(native.view(this.inflightAddr, INFLIGHT_FILE));
+    this.names.set(this.inflightFd, 'inflight-memfd');
+    this.fileSize.set(this.inflightFd, INFLIGHT_FILE);
+  }
+
+  name(fd: number): string {
+    return this.names.get(fd) ?? `fd${fd}`;
+  }
+
+  /** Drain the pipe so a call fd pointed at it never fills it. */
+  drainPipe(): void {
+    const p = this.junk.find((j) => j.name === 'pipe')!;
+    const b = new Uint8Array(65536);
+    while (native.read(p.fd, b) > 0) {
+      /* drain */
+    }
+  }
+
+  destroy(): void {
+    native.detach(this.inflight.buffer as ArrayBuffer);
+    native.munmap(this.inflightAddr, INFLIGHT_FILE);
+    native.close(this.inflightFd);
+    for (const fd of this.own) native.close(fd);
+    this.mem.destroy();
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+// Ring and buffer placement in region 0 (gpa == offset).
+const RING_GPA = (q: number): number => 0x10000 * (q + 1);
+const DESC_OFF = 0;
+const AVAIL_OFF = 0x4000;
+const USED_OFF = 0x5000;
+const HDR_GPA = 0x40000;
+const TABLE_GPA = 0x48000;
+const DATA_GPA = 0x50000;
+const INFLIGHT_FILE = 64 * 1024;
+
+// ---------------------------------------------------------------- inputs
+
+type Step =
+  | {
+      t: 'msg';
+      name: string;
+      req: number;
+      flags: number;
+      payload: Uint8Array;
+      /** Header size field when it lies about the payload. */
+      size?: number;
+      fds: number[];
+      /** Byte offsets to split the frame at (separate writes). */
+      split?: number[];
+      /** fds per chunk when split (default: all on the first). */
+      chunkFds?: number[][];
+      mutated?: boolean;
+    }
+  | { t: 'raw'; name: string; bytes: Uint8Array; fds: number[]; mutated: true }
+  | { t: 'io'; name: string; q: number; type: number; sector: number; indirect: boolean; mutated?: boolean };
+
+type MsgStep = Extract<Step, { t: 'msg' }>;
+
+interface Input {
+  steps: Step[];
+  /** Wait for each reply of the unmutated prefix (like QEMU), or send everything at once. */
+  sync: boolean;
+  /** Send consecutive messages in one write where possible. */
+  coalesce: boolean;
+  /** 'probe': end with GET_QUEUE_NUM and wait; 'close': just close; 'close-mid': close inside a message. */
+  end: 'probe' | 'close' | 'close-mid';
+  /** Bytes of a message sent before closing ('close-mid'). */
+  partial?: Uint8Array;
+  partialFds?: number[];
+  /** More than 8 fds in one sendmsg (through the Python helper). */
+  manyFds?: number;
+  queueSize: number[];
+  /** Inflight area contents to write once the connection is accepted (when the sequence hands one over). */
+  inflight?: { mode: 'zero' | 'plausible' | 'random'; seed: number; queues: number; capacity: number };
+  tags: Set<string>;
+  mutations: string[];
+}
+
+interface Offer {
+  features: bigint;
+  protocol: bigint;
+}
+
+function msg(name: string, req: number, flags: number, payload: Uint8Array = new Uint8Array(0), fds: number[] = []): MsgStep {
+  return { t: 'msg', name, req, flags, payload, fds };
+}
+
+/** The QEMU 7.2 sequence for vhost-user-blk, with random but valid variations. */
+function baseSequence(rng: Rng, res: Resources, offer: Offer): Input {
+  const steps: Step[] = [];
+  // With INFLIGHT_SHMFD offered, a third of the sequences use it as QEMU does (GET, then SET_INFLIGHT_FD).
+  const useInflight = has(offer.protocol, PF.INFLIGHT_SHMFD) && rng.chance(0.3);
+  const pf = offer.protocol & (DRIVER_PROTOCOL | (useInflight ? bit(PF.INFLIGHT_SHMFD) : 0n)) & (rng.chance(0.8) ? ~0n : ~bit(PF.REPLY_ACK));
+  const replyAck = has(pf, PF.REPLY_ACK);
+  const cf = replyAck ? V | NR : V;
+  const cmd = (name: string, req: number, payload?: Uint8Array, fds?: number[]): MsgStep => msg(name, req, cf, payload, fds);
+  steps.push(msg('GET_FEATURES', Req.GET_FEATURES, V));
+  steps.push(msg('GET_PROTOCOL_FEATURES', Req.GET_PROTOCOL_FEATURES, V));
+  steps.push(msg('SET_PROTOCOL_FEATURES', Req.SET_PROTOCOL_FEATURES, V, u64(pf)));
+  steps.push(msg('GET_QUEUE_NUM', Req.GET_QUEUE_NUM, V));
+  steps.push(cmd('SET_OWNER', Req.SET_OWNER));
+  if (has(pf, PF.CONFIG)) steps.push(msg('GET_CONFIG', Req.GET_CONFIG, V, configMsg(0, 57, 0)));
+  const viaAdd = has(pf, PF.CONFIGURE_MEM_SLOTS) && rng.chance(0.3);
+  if (viaAdd) steps.push(msg('GET_MAX_MEM_SLOTS', Req.GET_MAX_MEM_SLOTS, V));
+  let features = offer.features & DRIVER_FEATURES;
+  if (rng.chance(0.2)) features &= ~bit(VF.EVENT_IDX);
+  if (rng.chance(0.1)) features &= ~bit(VF.INDIRECT_DESC);
+  if (rng.chance(0.1)) features &= ~bit(VF.PROTOCOL_FEATURES); // rings enabled at once
+  steps.push(cmd('SET_FEATURES', Req.SET_FEATURES, u64(features)));
+  const nq = rng.chance(0.7) ? 2 : 1;
+  const queueSize = Array.from({ length: nq }, () => rng.pick([64, 128, 256]));
+  let inflight: Input['inflight'];
+  if (useInflight) {
+    const capacity = Math.max(...queueSize);
+    const queues = NUM_QUEUES;
+    const area = { mmapSize: 0n, mmapOffset: 0n, numQueues: queues, queueSize: capacity };
+    steps.push(msg('GET_INFLIGHT_FD', Req.GET_INFLIGHT_FD, V, inflightMsg(area)));
+    const need = BigInt(queues * inflightQueueRegion(capacity));
+    steps.push(cmd('SET_INFLIGHT_FD', Req.SET_INFLIGHT_FD, inflightMsg({ ...area, mmapSize: need }), [res.inflightFd]));
+    inflight = { mode: rng.weighted([[5, 'zero'], [3, 'plausible'], [2, 'random']] as const), seed: rng.u32(), queues, capacity };
+  }
+  const regions = res.regions.filter(() => true);
+  if (viaAdd) {
+    for (const r of regions) steps.push(cmd('ADD_MEM_REG', Req.ADD_MEM_REG, singleRegion(r.msg), [r.fd]));
+  } else {
+    steps.push(cmd('SET_MEM_TABLE', Req.SET_MEM_TABLE, memTable(regions.map((r) => r.msg)), regions.map((r) => r.fd)));
+  }
+  const uva0 = res.regions[0]!.msg.userspaceAddr;
+  for (let q = 0; q < nq; q++) {
+    const size = queueSize[q]!;
+    const base = BigInt(RING_GPA(q));
+    steps.push(cmd(`SET_VRING_NUM(${q})`, Req.SET_VRING_NUM, vringState(q, size)));
+    steps.push(cmd(`SET_VRING_BASE(${q})`, Req.SET_VRING_BASE, vringState(q, 0)));
+    steps.push(
+      cmd(`SET_VRING_ADDR(${q})`, Req.SET_VRING_ADDR, vringAddr({
+        index: q,
+        desc: uva0 + base + BigInt(DESC_OFF),
+        avail: uva0 + base + BigInt(AVAIL_OFF),
+        used: uva0 + base + BigInt(USED_OFF),
+      })),
+    );
+    if (rng.chance(0.3)) steps.push(cmd(`SET_VRING_ERR(${q})`, Req.SET_VRING_ERR, u64(q), [res.err[q]!]));
+    steps.push(cmd(`SET_VRING_KICK(${q})`, Req.SET_VRING_KICK, u64(q), [res.kick[q]!]));
+    steps.push(cmd(`SET_VRING_CALL(${q})`, Req.SET_VRING_CALL, u64(q), [res.call[q]!]));
+  }
+  if (has(features, VF.PROTOCOL_FEATURES)) {
+    for (let q = 0; q < nq; q++) steps.push(cmd(`SET_VRING_ENABLE(${q},1)`, Req.SET_VRING_ENABLE, vringState(q, 1)));
+  }
+  const nio = rng.int(4);
+  for (let i = 0; i < nio; i++) {
+    const type = rng.pick([T.OUT, T.IN, T.FLUSH, T.GET_ID, T.OUT, T.IN]);
+    const sector = rng.chance(0.9) ? rng.int(8000) : rng.pick([8184, 8192, 2 ** 40]);
+    steps.push({ t: 'io', name: `io(${type})`, q: rng.int(nq), type, sector, indirect: has(features, VF.INDIRECT_DESC) && rng.chance(0.3) });
+  }
+  if (rng.chance(0.6)) {
+    if (has(features, VF.PROTOCOL_FEATURES)) {
+      for (let q = 0; q < nq; q++) steps.push(cmd(`SET_VRING_ENABLE(${q},0)`, Req.SET_VRING_ENABLE, vringState(q, 0)));
+    }
+    for (let q = 0; q < nq; q++) steps.push(msg(`GET_VRING_BASE(${q})`, Req.GET_VRING_BASE, V, vringState(q, 0)));
+  }
+  return { steps, sync: rng.chance(0.05), coalesce: rng.chance(0.8), end: 'probe', queueSize, inflight, tags: new Set(), mutations: [] };
+}
+
+// ---------------------------------------------------------------- mutations
+
+interface MutCtx {
+  rng: Rng;
+  res: Resources;
+  offer: Offer;
+  avoid: Set<string>;
+  input: Input;
+}
+
+function msgSteps(input: Input, pred: (s: MsgStep) => boolean = () => true): number[] {
+  const out: number[] = [];
+  input.steps.forEach((s, i) => {
+    if (s.t === 'msg' && pred(s)) out.push(i);
+  });
+  return out;
+}
+
+function pickMsg(c: MutCtx, pred?: (s: MsgStep) => boolean): MsgStep | undefined {
+  const idx = msgSteps(c.input, pred);
+  if (!idx.length) return undefined;
+  const s = c.input.steps[c.rng.pick(idx)] as MsgStep;
+  s.mutated = true;
+  return s;
+}
+
+function anyFd(c: MutCtx): number {
+  const { rng, res } = c;
+  return rng.weighted([
+    [4, () => rng.pick(res.junk).fd],
+    [1, () => rng.pick(res.regions).fd],
+    [1, () => rng.pick([...res.kick, ...res.call, ...res.err])],
+  ])();
+}
+
+function randomU64(rng: Rng): bigint {
+  return rng.pick([0n, 1n, 0xffffn, 0x10000n, 0xffffffffn, 1n << 32n, 1n << 53n, (1n << 53n) + 1n, 1n << 63n, (1n << 64n) - 1n, (1n << 64n) - 4096n, rng.u64()]);
+}
+
+function randomU32(rng: Rng): number {
+  return rng.pick([0, 1, 2, 3, 7, 8, 255, 256, 257, 0xffff, 0x10000, 0x7fffffff, 0x80000000, 0xffffffff, rng.u32()]);
+}
+
+/** Write `v` into a payload copy at `off` (u32 or u64). */
+function patch(p: Uint8Array, off: number, v: number | bigint, width: 4 | 8): Uint8Array {
+  const out = p.length >= off + width ? p.slice() : (() => {
+    const b = new Uint8Array(off + width);
+    b.set(p);
+    return b;
+  })();
+  const dv = new DataView(out.buffer);
+  if (width === 4) dv.setUint32(off, Number(v) >>> 0, true);
+  else dv.setBigUint64(off, BigInt.asUintN(64, BigInt(v)), true);
+  return out;
+}
+
+function mutateRegion(c: MutCtx, r: RegionInfo, others: RegionInfo[]): RegionInfo {
+  const { rng } = c;
+  const m = { ...r.msg };
+  let fd = r.fd;
+  const kind = rng.pick(['size', 'size', 'offset', 'offset', 'gpa', 'uva', 'fd', 'overlap', 'unaligned']);
+  switch (kind) {
+    case 'size':
+      m.memorySize = rng.pick([0n, 1n, 4095n, 1n << 20n, m.memorySize * 2n, 1n << 32n, 1n << 40n, 1n << 46n, 1n << 53n, (1n << 53n) - 4096n, 1n << 63n, (1n << 64n) - 1n]);
+      break;
+    case 'offset':
+      m.mmapOffset = rng.pick([1n << 20n, 1n << 30n, 3n << 30n, 1n << 40n, 1n << 53n, 1n << 63n, (1n << 64n) - 4096n, m.mmapOffset + m.memorySize, m.mmapOffset + 4096n]);
+      break;
+    case 'gpa':
+      m.guestPhysAddr = rng.pick([(1n << 64n) - 4096n, (1n << 64n) - m.memorySize / 2n, 1n << 53n, (1n << 53n) - 4096n, 1n << 63n, m.guestPhysAddr + 1n]);
+      break;
+    case 'uva':
+      m.userspaceAddr = rng.pick([(1n << 64n) - 4096n, 1n << 53n, 0n, 1n << 63n, m.userspaceAddr + 1n]);
+      break;
+    case 'fd':
+      fd = anyFd(c);
+      break;
+    case 'overlap': {
+      const o = others.length ? rng.pick(others).msg : m;
+      if (rng.chance(0.5)) m.guestPhysAddr = o.guestPhysAddr + rng.pick([0n, 4096n, o.memorySize - 1n]);
+      else m.userspaceAddr = o.userspaceAddr + rng.pick([0n, 4096n, o.memorySize - 1n]);
+      break;
+    }
+    case 'unaligned': {
+      // A valid region whose file offset is not page aligned (the daemon maps with a skew).
+      const d = rng.pick([1n, 8n, 512n, 4095n]);
+      m.mmapOffset += d;
+      m.memorySize -= 4096n;
+      break;
+    }
+  }
+  // An odd file offset or front-end address puts the rings at odd offsets of the daemon's mapping.
+  if ((m.mmapOffset | m.userspaceAddr) & 1n && m.memorySize > 0n && m.memorySize < 1n << 53n) {
+    if (c.avoid.has('odd-region-alignment')) return r;
+    c.input.tags.add('odd-region-alignment');
+  }
+  return { msg: m, fd };
+}
+
+/** A region whose bytes run past the end of its fd's file: touching them raises SIGBUS in whoever maps it. */
+function pastEof(c: MutCtx, r: RegionInfo): boolean {
+  const size = c.res.fileSize.get(r.fd);
+  if (size === undefined) return false;
+  return r.msg.mmapOffset + r.msg.memorySize > BigInt(size) && r.msg.memorySize > 0n && r.msg.memorySize < 1n << 47n;
+}
+
+/** Type-aware mutation of one message's fields. */
+function mutateFields(c: MutCtx, s: MsgStep): void {
+  const { rng, res, offer } = c;
+  const p = s.payload;
+  switch (s.req) {
+    case Req.SET_MEM_TABLE:
+    case Req.ADD_MEM_REG:
+    case Req.REM_MEM_REG: {
+      const single = s.req !== Req.SET_MEM_TABLE;
+      let regs: RegionInfo[] = single
+        ? [{ msg: decodeRegion(p, 8), fd: s.fds[0] ?? res.regions[0]!.fd }]
+        : res.regions.slice(0, p.length >= 4 ? Math.min(new DataView(p.buffer, p.byteOffset).getUint32(0, true), 3) : 3);
+      if (!regs.length) regs = [res.regions[0]!];
+      const kind = single ? 'region' : rng.pick(['region', 'region', 'count', 'drop', 'dup', 'eight', 'fds']);
+      let countField: number | undefined;
+      let fds: number[] | undefined;
+      if (kind === 'region') {
+        // Region 0 holds the rings: a bad mapping there is the one the daemon will touch.
+        const i = rng.chance(0.6) ? 0 : rng.int(regs.length);
+        const orig = regs[i]!;
+        let m = mutateRegion(c, orig, regs.filter((_, j) => j !== i));
+        if (pastEof(c, m)) {
+          if (c.avoid.has('past-eof')) m = orig;
+          else c.input.tags.add('past-eof');
+        }
+        regs = regs.map((r, j) => (j === i ? m : r));
+      } else if (kind === 'count') {
+        countField = rng.pick([0, 9, 255, regs.length + 1, regs.length - 1, 0xffffffff]);
+      } else if (kind === 'drop') {
+        regs = regs.slice(1);
+      } else if (kind === 'dup') {
+        regs = [...regs, rng.pick(regs)];
+      } else if (kind === 'eight') {
+        // Eight valid regions carved from region 1's memfd: the most a table can carry.
+        const r1 = res.regions[1]!;
+        regs = Array.from({ length: 8 }, (_, i) => ({
+          msg: {
+            guestPhysAddr: BigInt(i) * (1n << 30n) + (8n << 30n),
+            memorySize: 64n * 1024n,
+            userspaceAddr: r1.msg.userspaceAddr + BigInt(i) * 65536n,
+            mmapOffset: r1.msg.mmapOffset + BigInt(i) * 65536n,
+          },
+          fd: r1.fd,
+        }));
+        if (rng.chance(0.5)) regs = [res.regions[0]!, ...regs.slice(1)];
+      } else {
+        fds = rng.chance(0.5) ? regs.slice(1).map((r) => r.fd) : [...regs.map((r) => r.fd), anyFd(c)];
+      }
+      if (single) {
+        s.payload = singleRegion(regs[0]!.msg);
+        s.fds = rng.chance(0.1) ? [] : [regs[0]!.fd];
+      } else {
+        let t = memTable(regs.map((r) => r.msg));
+        if (countField !== undefined) t = patch(t, 0, countField, 4);
+        s.payload = t;
+        s.fds = (fds ?? regs.map((r) => r.fd)).slice(0, 8);
+      }
+      return;
+    }
+    case Req.SET_VRING_NUM:
+      s.payload = rng.chance(0.3) ? patch(p, 0, randomU32(rng), 4) : patch(p, 4, rng.pick([0, 1, 3, 100, 1000, 1023, 1024, 2048, 4096, 32768, 65536, 0xffffffff, rng.u32()]), 4);
+      return;
+    case Req.SET_VRING_BASE:
+      s.payload = rng.chance(0.3) ? patch(p, 0, randomU32(rng), 4) : patch(p, 4, rng.pick([0xffff, 0x10000, 0xffffffff, rng.u32()]), 4);
+      return;
+    case Req.SET_VRING_ADDR: {
+      const field = rng.pick([0, 4, 8, 16, 24, 32, 8, 16, 24]);
+      if (field === 0) s.payload = patch(p, 0, randomU32(rng), 4);
+      else if (field === 4) s.payload = patch(p, 4, rng.pick([1, 2, 0xffffffff, rng.u32()]), 4);
+      else {
+        const cur = rd64(p, field);
+        const r0 = res.regions[0]!.msg;
+        const v = rng.pick([
+          cur + 1n, cur + 2n, cur + 8n, 0n, r0.userspaceAddr + r0.memorySize - 8n, r0.userspaceAddr + r0.memorySize,
+          r0.userspaceAddr - 4096n, res.regions[2]!.msg.userspaceAddr, 1n << 53n, (1n << 64n) - 1n, (1n << 64n) - 16n, rng.u64(),
+          rd64(p, rng.pick([8, 16, 24])),
+        ]);
+        // Now and then the used ring exactly on the avail ring (a guest can program that).
+        s.payload = field === 16 && rng.chance(0.3) ? patch(p, 16, rd64(p, 24), 8) : patch(p, field, v, 8);
+      }
+      return;
+    }
+    case Req.SET_VRING_KICK:
+    case Req.SET_VRING_CALL:
+    case Req.SET_VRING_ERR: {
+      const cur = rd64(p, 0);
+      const kind = rng.pick(['index', 'nofd+fd', 'nofd', 'nofd-only', 'bits', 'junk', 'junk', 'two', 'none']);
+      if (kind === 'index') s.payload = u64((cur & ~0xffn) | BigInt(rng.pick([2, 3, 7, 255])));
+      else if (kind === 'nofd+fd') s.payload = u64(cur | BigInt(VRING_NOFD));
+      else if (kind === 'nofd' || kind === 'nofd-only') {
+        s.payload = u64(cur | BigInt(VRING_NOFD));
+        s.fds = [];
+      } else if (kind === 'bits') s.payload = u64(cur | rng.pick([1n << 9n, 1n << 31n, 1n << 32n, 1n << 63n, rng.u64() & ~0x1ffn]));
+      else if (kind === 'junk') {
+        const j = rng.pick(res.junk);
+        if (s.req === Req.SET_VRING_KICK && !j.pollable) {
+          if (c.avoid.has('kick-nonpollable')) return;
+          c.input.tags.add('kick-nonpollable');
+        }
+        s.fds = [j.fd];
+      } else if (kind === 'two') s.fds = [...s.fds, anyFd(c)];
+      else s.fds = [];
+      return;
+    }
+    case Req.GET_CONFIG:
+    case Req.SET_CONFIG: {
+      const offset = rng.pick([0, 1, 32, 56, 57, 63, 64, 200, 255, 256, 257, 0xfffffff0, 0xffffffff, rng.u32()]);
+      const size = rng.pick([0, 1, 2, 8, 57, 64, 255, 256, 257, 300, 4096, 0xffffffff]);
+      const dataLen = rng.chance(0.7) ? Math.min(size, 300) : rng.int(300);
+      const flags = rng.chance(0.7) ? 0 : randomU32(rng);
+      const b = configMsg(offset, size, flags, rng.bytes(dataLen));
+      s.payload = b;
+      return;
+    }
+    case Req.SET_FEATURES:
+      s.payload = u64(rng.pick([0n, offer.features, offer.features | bit(VF.RING_PACKED), offer.features | bit(VF.LOG_ALL), (1n << 64n) - 1n, rng.u64(), offer.features & ~bit(VF.PROTOCOL_FEATURES), bit(VF.VERSION_1)]));
+      return;
+    case Req.SET_PROTOCOL_FEATURES:
+      s.payload = u64(rng.pick([0n, offer.protocol, offer.protocol | bit(PF.INFLIGHT_SHMFD), offer.protocol | bit(PF.BACKEND_REQ), (1n << 64n) - 1n, rng.u64(), bit(PF.MQ)]));
+      return;
+    case Req.SET_VRING_ENABLE:
+    case Req.GET_VRING_BASE:
+      s.payload = rng.chance(0.5) ? patch(p, 0, randomU32(rng), 4) : patch(p, 4, randomU32(rng), 4);
+      return;
+    case Req.GET_INFLIGHT_FD:
+    case Req.SET_INFLIGHT_FD: {
+      const field = rng.pick([0, 8, 16, 18]);
+      const b = p.length >= 24 ? p.slice() : patch(p, 16, 0, 8);
+      const v = new DataView(b.buffer);
+      if (field === 0) v.setBigUint64(0, rng.pick([0n, 1n, rd64(p, 0) - 1n, rd64(p, 0) * 3n, 1n << 40n, (1n << 64n) - 1n]) & ((1n << 64n) - 1n), true);
+      else if (field === 8) v.setBigUint64(8, rng.pick([1n, 4096n, 65536n, 1n << 40n, 1n << 63n]), true);
+      else v.setUint16(field, rng.pick([0, 1, 3, 255, 0xffff, 1024, 1025, 32768, 32769]), true);
+      s.payload = b;
+      return;
+    }
+    default:
+      s.payload = rng.chance(0.5) ? rng.bytes(rng.skewed(64)) : u64(randomU64(rng));
+  }
+}
+
+/** A u64 of a payload that may have been cut short by an earlier mutation (0 when absent). */
+function rd64(p: Uint8Array, off: number): bigint {
+  return p.length >= off + 8 ? readU64(p, off) : 0n;
+}
+
+function decodeRegion(p: Uint8Array, off: number): RegionMsg {
+  if (p.length < off + 32) return { guestPhysAddr: 0n, memorySize: 1n << 20n, userspaceAddr: 0n, mmapOffset: 0n };
+  return { guestPhysAddr: readU64(p, off), memorySize: readU64(p, off + 8), userspaceAddr: readU64(p, off + 16), mmapOffset: readU64(p, off + 24) };
+}
+
+function randomMessage(c: MutCtx): MsgStep {
+  const { rng } = c;
+  const req = rng.chance(0.7) ? rng.pick(KNOWN) : rng.chance(0.5) ? rng.pick(UNKNOWN_CODES) : rng.u32();
+  const flags = rng.weighted([[6, V], [3, V | NR], [1, randomU32(rng)]] as const);
+  const len = rng.weighted([[3, 0], [3, 8], [2, 40], [1, 12 + rng.int(64)], [1, rng.skewed(600)]] as const);
+  const fds = rng.chance(0.15) ? Array.from({ length: rng.range(1, 3) }, () => anyFd(c)) : [];
+  const s = msg(`random ${reqName(req)}`, req, flags, rng.bytes(len), fds);
+  s.mutated = true;
+  return s;
+}
+
+type Mutation = (c: MutCtx) => boolean;
+
+const MUTATIONS: [number, string, Mutation][] = [
+  [10, 'fields', (c) => {
+    const s = pickMsg(c, (m) => m.req !== Req.GET_FEATURES || c.rng.chance(0.1));
+    if (!s) return false;
+    mutateFields(c, s);
+    s.name += '*';
+    return true;
+  }],
+  [4, 'payload-size', (c) => {
+    const s = pickMsg(c);
+    if (!s) return false;
+    const { rng } = c;
+    const n = rng.chance(0.5) ? rng.int(s.payload.length + 1) : s.payload.length + rng.range(1, 64);
+    const b = new Uint8Array(n);
+    b.set(s.payload.subarray(0, Math.min(n, s.payload.length)));
+    if (n > s.payload.length) rng.fill(b.subarray(s.payload.length));
+    s.payload = b;
+    s.name += '[len]';
+    return true;
+  }],
+  [4, 'size-field', (c) => {
+    const s = pickMsg(c);
+    if (!s) return false;
+    const { rng } = c;
+    s.size = rng.weighted([
+      [4, Math.max(0, s.payload.length + rng.range(-16, 16))],
+      [2, rng.int(4097)],
+      [1, 4097],
+      [1, rng.pick([0x10000, 0x7fffffff, 0xffffffff, rng.u32()])],
+    ] as const);
+    s.name += `[size=${s.size}]`;
+    return true;
+  }],
+  [3, 'request', (c) => {
+    const s = pickMsg(c);
+    if (!s) return false;
+    s.req = c.rng.chance(0.5) ? c.rng.pick(UNKNOWN_CODES) : c.rng.pick(KNOWN);
+    s.name += `[req=${s.req}]`;
+    return true;
+  }],
+  [3, 'flags', (c) => {
+    const s = pickMsg(c);
+    if (!s) return false;
+    s.flags = c.rng.pick([0, 2, 3, V | 4, V | 4 | NR, V | 0x10, V | NR | 0x10, V | 0x100, V | 0x80000000, 0xffffffff, randomU32(c.rng), V | NR, V]);
+    s.name += `[flags=0x${s.flags.toString(16)}]`;
+    return true;
+  }],
+  [3, 'fds', (c) => {
+    const s = pickMsg(c);
+    if (!s) return false;
+    const { rng } = c;
+    const kind = rng.pick(['add', 'add', 'remove', 'replace', 'many-split']);
+    if (kind === 'add') s.fds = [...s.fds, ...Array.from({ length: rng.range(1, 3) }, () => anyFd(c))].slice(0, 8);
+    else if (kind === 'remove') s.fds = [];
+    else if (kind === 'replace') s.fds = s.fds.length ? s.fds.map(() => anyFd(c)) : [anyFd(c)];
+    else {
+      // 9..16 fds for one message, in two writes of at most 8 each.
+      const n = rng.range(9, 16);
+      const all = Array.from({ length: n }, () => anyFd(c));
+      const len = 12 + s.payload.length;
+      const at = rng.range(1, Math.max(1, len - 1));
+      s.split = [at];
+      s.chunkFds = [all.slice(0, 8), all.slice(8)];
+    }
+    if (s.req === Req.SET_VRING_KICK && s.fds.some((fd) => !c.res.junk.find((j) => j.fd === fd)?.pollable && !c.res.kick.includes(fd) && !c.res.call.includes(fd) && !c.res.err.includes(fd))) {
+      if (c.avoid.has('kick-nonpollable')) s.fds = [c.res.kick[0]!];
+      else c.input.tags.add('kick-nonpollable');
+    }
+    s.name += `[fds ${kind}]`;
+    return true;
+  }],
+  [3, 'insert', (c) => {
+    const at = c.rng.int(c.input.steps.length + 1);
+    c.input.steps.splice(at, 0, randomMessage(c));
+    return true;
+  }],
+  [2, 'duplicate', (c) => {
+    if (!c.input.steps.length) return false;
+    const i = c.rng.int(c.input.steps.length);
+    const s = c.input.steps[i]!;
+    const copy = { ...s, mutated: true, name: `${s.name}(again)` } as Step;
+    c.input.steps.splice(c.rng.range(i, c.input.steps.length), 0, copy);
+    return true;
+  }],
+  [2, 'reorder', (c) => {
+    const n = c.input.steps.length;
+    if (n < 3) return false;
+    const i = c.rng.range(1, n - 1);
+    const [s] = c.input.steps.splice(i, 1);
+    s!.mutated = true;
+    c.input.steps.splice(c.rng.range(1, n - 1), 0, s!);
+    return true;
+  }],
+  [2, 'drop', (c) => {
+    const n = c.input.steps.length;
+    if (n < 3) return false;
+    const i = c.rng.range(1, n - 1);
+    c.input.steps.splice(i, 1);
+    const next = c.input.steps[i];
+    if (next) next.mutated = true;
+    return true;
+  }],
+  [2, 'raw-bytes', (c) => {
+    const { rng } = c;
+    const bytes = rng.bytes(rng.range(1, rng.chance(0.2) ? 600 : 40));
+    c.input.steps.splice(rng.int(c.input.steps.length + 1), 0, { t: 'raw', name: `raw(${bytes.length})`, bytes, fds: rng.chance(0.2) ? [anyFd(c)] : [], mutated: true });
+    return true;
+  }],
+  [3, 'truncate', (c) => {
+    const n = c.input.steps.length;
+    if (n < 2) return false;
+    c.input.steps.length = c.rng.range(1, n - 1);
+    return true;
+  }],
+  [2, 'close-mid', (c) => {
+    const { rng } = c;
+    const idx = msgSteps(c.input);
+    if (!idx.length) return false;
+    const i = rng.pick(idx);
+    const s = c.input.steps[i] as MsgStep;
+    const f = frame(s.req, s.flags, s.payload, s.size);
+    c.input.steps.length = i;
+    c.input.end = 'close-mid';
+    c.input.partial = f.subarray(0, rng.range(1, f.length - 1 || 1));
+    c.input.partialFds = rng.chance(0.5) ? s.fds : [];
+    return true;
+  }],
+  [1, 'close-early', (c) => {
+    c.input.end = 'close';
+    return true;
+  }],
+  [2, 'reset', (c) => {
+    const req = c.rng.pick([Req.RESET_OWNER, Req.RESET_DEVICE, Req.SET_OWNER]);
+    const s = msg(reqName(req), req, c.rng.chance(0.5) ? V | NR : V);
+    s.mutated = true;
+    c.input.steps.splice(c.rng.int(c.input.steps.length + 1), 0, s);
+    return true;
+  }],
+  [2, 'memory-again', (c) => {
+    // A second table, a removal or more slots, possibly under running rings with I/O in flight.
+    const { rng, res } = c;
+    const at = rng.int(c.input.steps.length + 1);
+    const kind = rng.pick(['table', 'rem', 'add-many', 'rem-unknown']);
+    const add: MsgStep[] = [];
+    if (kind === 'table') add.push(msg('SET_MEM_TABLE(again)', Req.SET_MEM_TABLE, V | NR, memTable(res.regions.map((r) => r.msg)), res.regions.map((r) => r.fd)));
+    else if (kind === 'rem') {
+      const r = rng.pick(res.regions);
+      add.push(msg('REM_MEM_REG', Req.REM_MEM_REG, V | NR, singleRegion(r.msg), rng.chance(0.8) ? [r.fd] : []));
+    } else if (kind === 'rem-unknown') {
+      add.push(msg('REM_MEM_REG(unknown)', Req.REM_MEM_REG, V | NR, singleRegion({ ...res.regions[0]!.msg, guestPhysAddr: 77n << 30n }), [res.regions[0]!.fd]));
+    } else {
+      const r1 = res.regions[1]!;
+      const n = rng.range(20, 40);
+      for (let i = 0; i < n; i++) {
+        add.push(msg(`ADD_MEM_REG#${i}`, Req.ADD_MEM_REG, V | NR, singleRegion({
+          guestPhysAddr: (16n << 30n) + BigInt(i) * 65536n,
+          memorySize: 65536n,
+          userspaceAddr: r1.msg.userspaceAddr + BigInt(i % 8) * 65536n + (BigInt(i) << 36n),
+          mmapOffset: r1.msg.mmapOffset + BigInt(i % 16) * 65536n,
+        }), [r1.fd]));
+      }
+    }
+    for (const s of add) s.mutated = true;
+    c.input.steps.splice(at, 0, ...add);
+    return true;
+  }],
+  [2, 'restart-ring', (c) => {
+    const { rng, res } = c;
+    const q = rng.int(NUM_QUEUES);
+    const at = rng.int(c.input.steps.length + 1);
+    const s1 = msg(`GET_VRING_BASE(${q})`, Req.GET_VRING_BASE, V, vringState(q, 0));
+    const s2 = msg(`SET_VRING_KICK(${q})`, Req.SET_VRING_KICK, V | NR, u64(rng.chance(0.3) ? q | VRING_NOFD : q), []);
+    if (!(rd64(s2.payload, 0) & BigInt(VRING_NOFD))) s2.fds = [res.kick[q]!];
+    s1.mutated = s2.mutated = true;
+    c.input.steps.splice(at, 0, s1, s2);
+    return true;
+  }],
+];
+
+function mutate(c: MutCtx): void {
+  const { rng, input } = c;
+  if (rng.chance(0.04)) {
+    // Random bytes after the opening GET_FEATURES.
+    input.steps.length = 1;
+    const n = rng.range(1, 3);
+    for (let i = 0; i < n; i++) input.steps.push({ t: 'raw', name: 'random', bytes: rng.bytes(rng.skewed(800) + 1), fds: rng.chance(0.2) ? [anyFd(c)] : [], mutated: true });
+    input.mutations.push('random-bytes');
+    return;
+  }
+  const n = rng.weighted([[5, 0], [50, 1], [25, 2], [12, 3], [8, 5]] as const);
+  for (let i = 0; i < n; i++) {
+    const [, name, fn] = rng.weighted(MUTATIONS.map((m) => [m[0], m] as const));
+    if (fn(c)) input.mutations.push(name);
+  }
+  // Messages split across writes (valid in itself).
+  if (rng.chance(0.2)) {
+    for (const s of input.steps) {
+      if (s.t !== 'msg' || s.split || !rng.chance(0.5)) continue;
+      const len = 12 + s.payload.length;
+      const cuts = new Set<number>();
+      const k = rng.range(1, 3);
+      for (let j = 0; j < k; j++) cuts.add(rng.range(1, Math.max(1, len - 1)));
+      s.split = [...cuts].filter((x) => x > 0 && x < len).sort((a, b) => a - b);
+      if (s.fds.length && rng.chance(0.3)) {
+        // fds riding on a later piece of the message.
+        s.chunkFds = s.split.map(() => [] as number[]);
+        s.chunkFds.push([]);
+        s.chunkFds[rng.int(s.chunkFds.length)] = s.fds;
+      }
+    }
+    input.mutations.push('split');
+  }
+  if (rng.chance(0.005)) {
+    input.manyFds = rng.range(9, 40);
+    input.mutations.push('many-fds');
+  }
+}
+
+export function generate(seed: number, index: number, res: Resources, offer: Offer, avoid: Set<string>): Input {
+  const rng = new Rng(seed, index);
+  const input = baseSequence(rng, res, offer);
+  mutate({ rng, res, offer, avoid, input });
+  classify(res, input, avoid);
+  return input;
+}
+
+/**
+ * Tag the finished input with the known bug classes it exercises, whatever
+ * mutation produced them, and take out those the run avoids (by repairing
+ * the message, so the rest of the input still runs).
+ */
+function classify(res: Resources, input: Input, avoid: Set<string>): void {
+  const pollable = (fd: number): boolean =>
+    res.kick.includes(fd) || res.call.includes(fd) || res.err.includes(fd) || !!res.junk.find((j) => j.fd === fd)?.pollable;
+  for (const s of input.steps) {
+    if (s.t !== 'msg') continue;
+    const fds = s.chunkFds ? s.chunkFds.flat() : s.fds;
+    if (s.req === Req.SET_VRING_KICK && fds.length === 1 && !pollable(fds[0]!)) {
+      if (avoid.has('kick-nonpollable')) {
+        s.fds = [res.kick[0]!];
+        s.chunkFds = undefined;
+      } else input.tags.add('kick-nonpollable');
+    }
+    if ((s.req === Req.SET_MEM_TABLE || s.req === Req.ADD_MEM_REG) && s.payload.length >= 40) {
+      const n = s.req === Req.ADD_MEM_REG ? 1 : Math.min(new DataView(s.payload.buffer, s.payload.byteOffset).getUint32(0, true), (s.payload.length - 8) >> 5);
+      for (let i = 0; i < n; i++) {
+        const r = decodeRegion(s.payload, 8 + 32 * i);
+        if (!((r.mmapOffset | r.userspaceAddr) & 1n) || r.memorySize === 0n || r.memorySize >= 1n << 53n) continue;
+        if (avoid.has('odd-region-alignment')) {
+          const fixed = { ...r, mmapOffset: r.mmapOffset & ~1n, userspaceAddr: r.userspaceAddr & ~1n };
+          const b = s.payload.slice();
+          const v = new DataView(b.buffer);
+          v.setBigUint64(8 + 32 * i + 16, fixed.userspaceAddr, true);
+          v.setBigUint64(8 + 32 * i + 24, fixed.mmapOffset, true);
+          s.payload = b;
+        } else input.tags.add('odd-region-alignment');
+      }
+    }
+    if (s.req === Req.SET_VRING_ADDR && s.payload.length >= 32) {
+      // A used ring laid over the avail ring (for any queue size up to 1024): every completion is also a new avail index.
+      const used = rd64(s.payload, 16);
+      const avail = rd64(s.payload, 24);
+      if (avail < used + 6n + 8n * 1024n && used < avail + 6n + 2n * 1024n) {
+        if (avoid.has('ring-overlap')) s.payload = patch(s.payload, 16, avail + 0x1000n, 8);
+        else input.tags.add('ring-overlap');
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- what the daemon sees
+
+interface Eff {
+  request: number;
+  flags: number;
+  size: number;
+  payload: Uint8Array;
+  fds: number;
+}
+
+interface Parsed {
+  msgs: Eff[];
+  /** Bytes missing to complete the last message (0 when the stream ends on a boundary). */
+  needMore: number;
+  /** The daemon must close: a header it rejects (flags or size). */
+  badHeader?: string;
+}
+
+/** Frame the byte stream exactly as the daemon will (12-byte headers, their size fields), fds to the message holding a chunk's first byte. */
+function parseStream(chunks: { bytes: Uint8Array; fds: number }[]): Parsed {
+  let total = 0;
+  for (const c of chunks) total += c.bytes.length;
+  const all = new Uint8Array(total);
+  const fdAt: [number, number][] = [];
+  let o = 0;
+  for (const c of chunks) {
+    all.set(c.bytes, o);
+    if (c.fds) fdAt.push([o, c.fds]);
+    o += c.bytes.length;
+  }
+  const msgs: Eff[] = [];
+  const dv = new DataView(all.buffer);
+  let off = 0;
+  const fdsIn = (start: number, end: number): number => fdAt.reduce((n, [p, k]) => (p >= start && p < end ? n + k : n), 0);
+  while (off + 12 <= total) {
+    const request = dv.getUint32(off, true);
+    const flags = dv.getUint32(off + 4, true);
+    const size = dv.getUint32(off + 8, true);
+    if ((flags & ~NR) !== V) return { msgs, needMore: 0, badHeader: `${reqName(request)} flags 0x${flags.toString(16)}` };
+    if (size > 4096) return { msgs, needMore: 0, badHeader: `${reqName(request)} size ${size}` };
+    if (off + 12 + size > total) return { msgs, needMore: off + 12 + size - total };
+    msgs.push({ request, flags, size, payload: all.subarray(off + 12, off + 12 + size), fds: fdsIn(off, off + 12 + size) });
+    off += 12 + size;
+  }
+  return { msgs, needMore: off < total ? off + 12 - total : 0 };
+}
+
+const replyable = (m: Eff): boolean => GETS.has(m.request) || (m.flags & NR) !== 0;
+
+/** Map replies to the messages they answer; returns the index answered by each reply, or an error. */
+function matchReplies(msgs: Eff[], replies: Reply[], offer: Offer): { answered: number[]; error?: string } {
+  const answered: number[] = [];
+  let j = 0;
+  for (const [i, r] of replies.entries()) {
+    const what = { toString: () => `reply #${i} (${reqName(r.request)}, flags 0x${r.flags.toString(16)}, ${r.size} bytes)` };
+    if (r.flags !== 0x5) return { answered, error: `${what}: flags must be exactly 0x5` };
+    // Only GET_INFLIGHT_FD hands the front-end an fd (its inflight area).
+    if (r.fds > (r.request === Req.GET_INFLIGHT_FD ? 1 : 0)) return { answered, error: `${what}: carries ${r.fds} fds` };
+    let k = j;
+    while (k < msgs.length && !(msgs[k]!.request === r.request && replyable(msgs[k]!))) k++;
+    if (k === msgs.length) return { answered, error: `${what}: answers no message sent (request code does not match any outstanding request)` };
+    const m = msgs[k]!;
+    const dv = new DataView(r.payload.buffer, r.payload.byteOffset, r.payload.byteLength);
+    const mv = new DataView(m.payload.buffer, m.payload.byteOffset, m.payload.byteLength);
+    if (r.request === Req.GET_CONFIG) {
+      if (r.size !== 0) {
+        if (m.size < 12) return { answered, error: `${what}: GET_CONFIG with a ${m.size}-byte payload was answered` };
+        const want = mv.getUint32(4, true);
+        if (r.size !== 12 + want) return { answered, error: `${what}: GET_CONFIG for ${want} bytes needs a ${12 + want}-byte reply (QEMU: "bad msg size")` };
+        if (dv.getUint32(0, true) !== mv.getUint32(0, true) || dv.getUint32(4, true) !== want) return { answered, error: `${what}: GET_CONFIG reply does not echo offset and size` };
+      }
+    } else if (r.request === Req.GET_INFLIGHT_FD) {
+      if (r.size !== 24 || r.fds !== 1) return { answered, error: `${what}: GET_INFLIGHT_FD must answer 24 bytes and one fd` };
+    } else if (r.size !== 8) {
+      return { answered, error: `${what}: must carry 8 bytes` };
+    } else if (r.request === Req.GET_VRING_BASE) {
+      if (m.size >= 4 && dv.getUint32(0, true) !== mv.getUint32(0, true)) return { answered, error: `${what}: names queue ${dv.getUint32(0, true)}, asked for ${mv.getUint32(0, true)}` };
+    } else if (r.request === Req.GET_FEATURES && dv.getBigUint64(0, true) !== offer.features) {
+      return { answered, error: `${what}: features 0x${dv.getBigUint64(0, true).toString(16)} differ from the offer` };
+    } else if (r.request === Req.GET_PROTOCOL_FEATURES && dv.getBigUint64(0, true) !== offer.protocol) {
+      return { answered, error: `${what}: protocol features differ from the offer` };
+    } else if (r.request === Req.GET_QUEUE_NUM && dv.getBigUint64(0, true) !== BigInt(NUM_QUEUES)) {
+      return { answered, error: `${what}: queue count ${dv.getBigUint64(0, true)}` };
+    }
+    answered.push(k);
+    j = k + 1;
+  }
+  return { answered };
+}
+
+// ---------------------------------------------------------------- execution
+
+const ONE = new BigUint64Array([1n]);
+
+/** Put one blk request in a ring of region 0 and kick. */
+function doIo(res: Resources, input: Input, st: { avail: number[]; slot: number[] }, s: Extract<Step, { t: 'io' }>): void {
+  const q = s.q;
+  const size = input.queueSize[q] ?? 128;
+  const v = res.r0v;
+  const ring = RING_GPA(q);
+  const hdr = HDR_GPA + q * 0x100;
+  const status = hdr + 0x80;
+  const data = DATA_GPA + q * 0x10000;
+  v.setUint32(hdr, s.type, true);
+  v.setUint32(hdr + 4, 0, true);
+  v.setBigUint64(hdr + 8, BigInt(s.sector), true);
+  res.r0[status] = 0xa5;
+  const bufs: [number, number, number][] = [[hdr, 16, 0]];
+  if (s.type === T.OUT) bufs.push([data, 4096, 0]);
+  if (s.type === T.IN) bufs.push([data, 4096, DESC_F_WRITE]);
+  if (s.type === T.GET_ID) bufs.push([data, 20, DESC_F_WRITE]);
+  bufs.push([status, 1, DESC_F_WRITE]);
+  const put = (base: number, i: number, addr: number, len: number, flags: number, next: number): void => {
+    v.setBigUint64(base + i * 16, BigInt(addr), true);
+    v.setUint32(base + i * 16 + 8, len, true);
+    v.setUint16(base + i * 16 + 12, flags, true);
+    v.setUint16(base + i * 16 + 14, next, true);
+  };
+  let head: number;
+  if (s.indirect) {
+    const table = TABLE_GPA + q * 0x100;
+    bufs.forEach(([a, l, f], i) => put(table, i, a, l, f | (i < bufs.length - 1 ? DESC_F_NEXT : 0), i + 1));
+    head = st.slot[q]! % size;
+    st.slot[q]! += 1;
+    put(ring + DESC_OFF, head, table, 16 * bufs.length, DESC_F_INDIRECT, 0);
+  } else {
+    const ids = bufs.map(() => st.slot[q]!++ % size);
+    bufs.forEach(([a, l, f], i) => put(ring + DESC_OFF, ids[i]!, a, l, f | (i < bufs.length - 1 ? DESC_F_NEXT : 0), ids[i + 1] ?? 0));
+    head = ids[0]!;
+  }
+  v.setUint16(ring + AVAIL_OFF + 4 + 2 * (st.avail[q]! % size), head, true);
+  st.avail[q] = (st.avail[q]! + 1) & 0xffff;
+  v.setUint16(ring + AVAIL_OFF + 2, st.avail[q]!, true);
+  native.write(res.kick[q]!, ONE);
+}
+
+/** The inflight area's contents for this input: zeros (a new area), a plausible record of a crashed back-end, or noise. */
+function fillInflight(res: Resources, input: Input): void {
+  const f = input.inflight;
+  if (!f) return;
+  const per = inflightQueueRegion(f.capacity);
+  const area = res.inflight.subarray(0, f.queues * per);
+  area.fill(0);
+  if (f.mode === 'zero') return;
+  const rng = new Rng(f.seed);
+  if (f.mode === 'random') {
+    rng.fill(area);
+    return;
+  }
+  for (let q = 0; q < f.queues; q++) {
+    const size = input.queueSize[q] ?? f.capacity;
+    const v = new DataView(area.buffer, area.byteOffset + q * per, per);
+    v.setUint16(8, 1, true); // version
+    v.setUint16(10, rng.chance(0.9) ? size : rng.int(0x10000), true); // desc_num
+    v.setUint16(12, rng.chance(0.9) ? rng.int(size) : rng.int(0x10000), true); // last_batch_head
+    v.setUint16(14, rng.chance(0.8) ? 0 : rng.int(0x10000), true); // used_idx (the ring's is 0)
+    for (let h = 0; h < Math.min(size, f.capacity); h++) {
+      const o = 16 + h * 16;
+      v.setUint8(o, rng.chance(0.1) ? 1 : rng.chance(0.02) ? rng.int(256) : 0);
+      v.setUint16(o + 6, rng.chance(0.9) ? rng.int(size) : rng.int(0x10000), true);
+      v.setBigUint64(o + 8, BigInt(rng.chance(0.95) ? rng.int(1000) : rng.u32()), true);
+    }
+  }
+}
+
+function describeStep(res: Resources, s: Step): string {
+  if (s.t === 'io') return `${s.name} q${s.q} sector ${s.sector}${s.indirect ? ' indirect' : ''}`;
+  if (s.t === 'raw') return `${s.name} ${hex(s.bytes, 24)}${s.fds.length ? ` fds=[${s.fds.map((f) => res.name(f)).join(',')}]` : ''}`;
+  const fds = s.chunkFds ? s.chunkFds.flat() : s.fds;
+  return (
+    `${s.name} req=${s.req} flags=0x${s.flags.toString(16)} len=${s.payload.length}` +
+    `${s.size !== undefined ? ` size=${s.size}` : ''}${fds.length ? ` fds=[${fds.map((f) => res.name(f)).join(',')}]` : ''}` +
+    `${s.split ? ` split@${s.split.join(',')}` : ''} ${hex(s.payload, 48)}`
+  );
+}
+
+function hex(b: Uint8Array, max: number): string {
+  const h = Buffer.from(b.subarray(0, max)).toString('hex');
+  return b.length > max ? `${h}...` : h;
+}
+
+export function describeInput(res: Resources, input: Input): string {
+  const lines = input.steps.map((s, i) => `  ${i}: ${describeStep(res, s)}`);
+  if (input.end === 'close-mid') lines.push(`  then ${input.partial!.length} bytes of a message (${hex(input.partial!, 24)}) and close`);
+  else if (input.end === 'close') lines.push('  then close');
+  else lines.push('  then probe GET_QUEUE_NUM');
+  return (
+    `mutations [${input.mutations.join(', ')}]${input.tags.size ? ` tags [${[...input.tags].join(', ')}]` : ''}` +
+    `${input.sync ? ' sync' : ' pipelined'}${input.manyFds ? ` many-fds=${input.manyFds}` : ''}` +
+    `${input.inflight ? ` inflight area: ${input.inflight.mode} (seed ${input.inflight.seed})` : ''}\n${lines.join('\n')}`
+  );
+}
+
+type Outcome = { kind: 'reply' | 'close' | 'aborted' | 'refused' } | { kind: 'fail'; why: string; fatal?: boolean };
+
+/** The Python helper that sends >8 fds in one sendmsg (vhostd's binding cannot). */
+class ManyFdsHelper {
+  private proc: ChildProcess | undefined;
+  private waiting: ((line: string) => void)[] = [];
+  disabled: string | undefined;
+
+  private start(): ChildProcess | undefined {
+    if (this.proc || this.disabled) return this.proc;
+    const script = fileURLToPath(new URL('./many_fds.py', import.meta.url));
+    const p = spawn(process.env.PYTHON ?? 'python3', [script], { stdio: ['pipe', 'pipe', 'inherit'] });
+    p.on('error', (e) => {
+      this.disabled = `python3 unavailable: ${e.message}`;
+      for (const w of this.waiting.splice(0)) w(JSON.stringify({ error: this.disabled }));
+    });
+    p.on('exit', () => {
+      this.proc = undefined;
+      for (const w of this.waiting.splice(0)) w(JSON.stringify({ error: 'helper exited' }));
+    });
+    createInterface({ input: p.stdout! }).on('line', (l) => this.waiting.shift()?.(l));
+    this.proc = p;
+    return p;
+  }
+
+  async run(req: object): Promise<{ replies?: [number, number, number, number, string][]; eof?: boolean; timeout?: boolean; error?: string }> {
+    const p = this.start();
+    if (!p) return { error: this.disabled };
+    const line = await new Promise<string>((resolve) => {
+      this.waiting.push(resolve);
+      p.stdin!.write(`${JSON.stringify(req)}\n`);
+    });
+    return JSON.parse(line) as Awaited<ReturnType<ManyFdsHelper['run']>>;
+  }
+
+  stop(): void {
+    this.proc?.stdin?.end();
+    this.proc?.kill();
+    this.proc = undefined;
+  }
+}
+
+class SocketFuzzer {
+  readonly res = new Resources();
+  offer: Offer = { features: 0n, protocol: 0n };
+  private readonly helper = new ManyFdsHelper();
+
+  constructor(private d: FuzzDaemon) {}
+
+  get daemon(): FuzzDaemon {
+    return this.d;
+  }
+
+  set daemon(d: FuzzDaemon) {
+    this.d = d;
+  }
+
+  async learnOffer(): Promise<void> {
+    const c = await connectAccepted(this.d.socket);
+    if (!c) throw new Error(`vhostd did not accept a connection:\n${this.d.log.recent()}`);
+    try {
+      const features = readU64(c.replies[0]!.payload);
+      await c.send(frame(Req.GET_PROTOCOL_FEATURES, V, new Uint8Array(0)));
+      await c.until(() => c.replies.length > 1, REPLY_TIMEOUT_MS);
+      if (c.replies.length < 2) throw new Error('no GET_PROTOCOL_FEATURES reply');
+      this.offer = { features, protocol: readU64(c.replies[1]!.payload) };
+    } finally {
+      c.close();
+    }
+  }
+
+  /** Run one input on a fresh connection. */
+  /**
+   * Run one input on a fresh connection. `accepted` runs once the daemon has
+   * taken the connection, which it does only after the previous one is fully
+   * torn down: anything it logged before then belongs to earlier inputs.
+   */
+  async run(input: Input, accepted: () => void): Promise<Outcome> {
+    const res = this.res;
+    if (input.manyFds) return this.runManyFds(input);
+    // Fresh rings for this input.
+    res.r0.fill(0, RING_GPA(0), RING_GPA(NUM_QUEUES));
+    const conn = RawConn.tryConnect(this.d.socket);
+    if (!conn) return { kind: 'refused' };
+    const sent: { bytes: Uint8Array; fds: number }[] = [];
+    const ioState = { avail: [0, 0], slot: [0, 0] };
+    let closed = false;
+    const send = async (bytes: Uint8Array, fds: number[]): Promise<boolean> => {
+      if (closed) return false;
+      if ((await conn.send(bytes, fds)) === 'closed') {
+        closed = true;
+        return false;
+      }
+      sent.push({ bytes, fds: fds.length });
+      return true;
+    };
+    // Consecutive pieces go out in one write unless a piece must start its own (fds ride on a
+    // write's first byte; split messages are the point of their input); some inputs write each message apart.
+    let pend: Uint8Array[] = [];
+    let pendFds: number[] = [];
+    const flush = async (): Promise<boolean> => {
+      if (!pend.length) return !closed;
+      const bytes = pend.length === 1 ? pend[0]! : Buffer.concat(pend);
+      const fds = pendFds;
+      pend = [];
+      pendFds = [];
+      return send(bytes, fds);
+    };
+    const queue = async (bytes: Uint8Array, fds: number[], apart: boolean): Promise<boolean> => {
+      if ((apart || fds.length || !input.coalesce) && !(await flush())) return false;
+      pend.push(bytes);
+      if (fds.length) pendFds = fds;
+      return !closed;
+    };
+    try {
+      // A pristine GET_FEATURES first: an accepted connection always answers it, a refused one
+      // (the daemon still tearing down the previous front-end) closes without a word.
+      if (!(await send(frame(Req.GET_FEATURES, V, new Uint8Array(0)), []))) return this.judgeEarly(conn, sent, 'close');
+      let expected = 1;
+      let synced = input.sync;
+      // REPLY_ACK is in force once a valid SET_PROTOCOL_FEATURES carrying it has been sent.
+      let replyAck = false;
+      if (!(await conn.until(() => conn.replies.length >= 1, REPLY_TIMEOUT_MS))) {
+        return { kind: 'fail', why: `no reply to the opening GET_FEATURES within ${REPLY_TIMEOUT_MS} ms`, fatal: true };
+      }
+      if (conn.eof && !conn.replies.length) return { kind: 'refused' };
+      accepted();
+      fillInflight(res, input);
+      for (const s of input.steps) {
+        if (s.mutated) synced = false;
+        if (s.t === 'io') {
+          if (!(await flush())) break;
+          doIo(res, input, ioState, s);
+          continue;
+        }
+        if (s.t === 'raw') {
+          if (!(await queue(s.bytes, s.fds, false))) break;
+          continue;
+        }
+        const f = frame(s.req, s.flags, s.payload, s.size);
+        const cuts = [0, ...(s.split ?? []), f.length];
+        let ok = true;
+        for (let k = 0; k + 1 < cuts.length && ok; k++) {
+          const fds = s.chunkFds ? (s.chunkFds[k] ?? []) : k === 0 ? s.fds : [];
+          ok = await queue(f.subarray(cuts[k]!, cuts[k + 1]!), fds, k > 0);
+        }
+        if (!ok) break;
+        if (synced && s.req === Req.SET_PROTOCOL_FEATURES) replyAck = has(rd64(s.payload, 0), PF.REPLY_ACK);
+        // Before the first mutation every message is valid: QEMU waits for each reply, and so do we.
+        if (synced && (GETS.has(s.req) || (s.flags & NR && replyAck))) {
+          expected++;
+          if (!(await flush())) break;
+          if (!(await conn.until(() => conn.replies.length >= expected, REPLY_TIMEOUT_MS))) {
+            return { kind: 'fail', why: `no reply to the valid ${s.name} within ${REPLY_TIMEOUT_MS} ms (daemon hung?)`, fatal: true };
+          }
+          if (conn.eof) break;
+        }
+      }
+      await flush();
+      if (input.end === 'close-mid' && !closed) {
+        await send(input.partial!, input.partialFds ?? []);
+        return this.judgeEarly(conn, sent, 'aborted');
+      }
+      if (input.end === 'close' || closed) return this.judgeEarly(conn, sent, closed ? 'close' : 'aborted');
+      // Complete whatever message the daemon is still reading, then the probe.
+      let parsed = parseStream(sent);
+      if (!parsed.badHeader && parsed.needMore) {
+        await send(new Uint8Array(parsed.needMore), []);
+        parsed = parseStream(sent);
+      }
+      let probeIndex = -1;
+      if (!parsed.badHeader) {
+        probeIndex = parsed.msgs.length;
+        await send(frame(Req.GET_QUEUE_NUM, V, new Uint8Array(0)), []);
+        parsed = parseStream(sent);
+      }
+      const done = (): boolean => {
+        if (probeIndex < 0 || !conn.replies.length || conn.replies[conn.replies.length - 1]!.request !== Req.GET_QUEUE_NUM) return false;
+        const m = matchReplies(parsed.msgs, conn.replies, this.offer);
+        return m.error !== undefined || m.answered[m.answered.length - 1] === probeIndex;
+      };
+      const finished = await conn.until(done, REPLY_TIMEOUT_MS);
+      if (conn.garbage) return { kind: 'fail', why: conn.garbage };
+      if (!finished) {
+        return {
+          kind: 'fail',
+          why: parsed.badHeader
+            ? `the daemon kept the connection open for ${REPLY_TIMEOUT_MS} ms after a header it must reject (${parsed.badHeader})`
+            : `neither a reply to the final probe nor a close within ${REPLY_TIMEOUT_MS} ms (hang)`,
+          fatal: true,
+        };
+      }
+      if (conn.replies.length === 0) return { kind: 'refused' };
+      const m = matchReplies(parsed.msgs, conn.replies, this.offer);
+      if (m.error) return { kind: 'fail', why: m.error };
+      if (conn.eof && !done()) return { kind: 'close' };
+      return { kind: 'reply' };
+    } finally {
+      conn.close();
+    }
+  }
+
+  /** We closed (or the daemon did while we were still sending): check what did come back. */
+  private judgeEarly(conn: RawConn, sent: { bytes: Uint8Array; fds: number }[], kind: 'aborted' | 'close'): Outcome {
+    // Take whatever is already there without waiting for more.
+    conn.poll();
+    if (conn.garbage) return { kind: 'fail', why: conn.garbage };
+    if (conn.replies.length === 0 && kind === 'close') return { kind: 'refused' };
+    const m = matchReplies(parseStream(sent).msgs, conn.replies, this.offer);
+    if (m.error) return { kind: 'fail', why: m.error };
+    return { kind };
+  }
+
+  private async runManyFds(input: Input): Promise<Outcome> {
+    // The message: one of the sequence's fd-carrying ones, or anything.
+    const s = (input.steps.find((x) => x.t === 'msg' && x.fds.length) ?? input.steps.find((x) => x.t === 'msg') ?? msg('GET_FEATURES', Req.GET_FEATURES, V)) as MsgStep;
+    const m = frame(s.req, s.flags, s.payload, s.size);
+    const probe = frame(Req.GET_QUEUE_NUM, V, new Uint8Array(0));
+    const r = await this.helper.run({ path: this.d.socket, nfds: input.manyFds, msg: Buffer.from(m).toString('hex'), probe: Buffer.from(probe).toString('hex'), timeout: REPLY_TIMEOUT_MS / 1000 });
+    if (r.error) {
+      if (this.helper.disabled) return { kind: 'aborted' };
+      return { kind: 'fail', why: `many-fds helper: ${r.error}` };
+    }
+    const replies: Reply[] = r.replies!.map(([request, flags, size, fds, hexPayload]) => ({ request, flags, size, fds, payload: Uint8Array.from(Buffer.from(hexPayload, 'hex')) }));
+    if (!replies.length && r.eof) return { kind: 'refused' };
+    const msgs = parseStream([{ bytes: frame(Req.GET_FEATURES, V, new Uint8Array(0)), fds: 0 }, { bytes: m, fds: input.manyFds! }, { bytes: probe, fds: 0 }]).msgs;
+    const matched = matchReplies(msgs, replies, this.offer);
+    if (matched.error) return { kind: 'fail', why: matched.error };
+    if (r.timeout) return { kind: 'fail', why: `message with ${input.manyFds} fds: neither a reply nor a close within ${REPLY_TIMEOUT_MS} ms` };
+    return { kind: r.eof ? 'close' : 'reply' };
+  }
+
+  destroy(): void {
+    this.helper.stop();
+    this.res.destroy();
+  }
+}
+
+// ---------------------------------------------------------------- the run
+
+export async function run(opts: RunOptions): Promise<FuzzStats> {
+  const seed = opts.seed >>> 0;
+  const start = opts.start ?? 0;
+  const batch = opts.batch ?? 2_000;
+  const maxFailures = opts.maxFailures ?? 20;
+  const avoid = new Set(opts.avoid ?? envAvoid());
+  const log = opts.log ?? (() => {});
+  const failures: Failure[] = [];
+  const extra: Record<string, number> = { aborted: 0, refusedRetries: 0, restarts: 0, healthySessions: 0, leakChecks: 0, pastEofInputs: 0, manyFdsInputs: 0, syncInputs: 0, inflightInputs: 0 };
+  const t0 = Date.now();
+  const ticker = new Ticker('socket', t0, opts.onProgress);
+  let closes = 0;
+  let replies = 0;
+  let inputs = 0;
+
+  let d = await FuzzDaemon.start({ numQueues: NUM_QUEUES });
+  const fz = new SocketFuzzer(d);
+  let base: Baseline | undefined;
+  let problemsSeen = 0;
+  let closeLogsExpected = 0;
+  let closeLogsBase = 0;
+
+  const suppress = new Suppressor(avoid, log);
+  let cur: Input | undefined;
+  let prev: Input | undefined;
+  let pendingIndex = -1;
+  const fail = (index: number, kind: string, message: string): void => {
+    const f = { seed, index, kind, message };
+    failures.push(f);
+    log(describeFailure(f, 'socket'));
+    if (index >= 0) suppress.failed([...(cur?.tags ?? []), ...(prev?.tags ?? [])]);
+  };
+
+  const restart = async (kind: string, why: string, index: number, kill = false): Promise<void> => {
+    let busy = '';
+    if (kill) {
+      const b = await d.cpuBusy();
+      if (b !== undefined) busy = ` (daemon CPU ${Math.round(Math.min(b, 1) * 100)}% of a core${b > 0.8 ? ': a busy loop' : ''})`;
+    }
+    fail(index, kind, `${why}${busy}\n--- daemon log (tail) ---\n${d.log.recent(15)}`);
+    problemsSeen = d.log.problems.length;
+    await d.stop(kill);
+    d = await FuzzDaemon.start({ numQueues: NUM_QUEUES });
+    fz.daemon = d;
+    extra.restarts!++;
+    base = undefined;
+    problemsSeen = 0;
+    pendingIndex = -1;
+    closeLogsExpected = 0;
+    closeLogsBase = 0;
+  };
+
+  /** New internal errors in the log, charged to input `index` (which is `input`). */
+  const newProblems = (index: number, input: Input | undefined): void => {
+    d.log.scan();
+    if (d.log.problems.length > problemsSeen) {
+      const saved = cur;
+      cur = input;
+      const lines = d.log.problems.slice(problemsSeen, problemsSeen + 3);
+      fail(index, 'daemon logged an internal error', `${lines.map(summarizeLogLine).join(' / ')}\n${lines.join('\n')}\n${input ? describeInput(fz.res, input) : ''}`);
+      cur = saved;
+      problemsSeen = d.log.problems.length;
+    }
+  };
+
+  /** Checks between batches: a well-formed session, no leaks, every close logged, nothing internal. */
+  const checkpoint = async (lastIndex: number): Promise<void> => {
+    if (d.exited()) return;
+    try {
+      await healthySession(d.socket, 100 + (lastIndex % 1000) * 8);
+      extra.healthySessions!++;
+    } catch (e) {
+      if (d.exited()) return;
+      const probe = await connectAccepted(d.socket, REPLY_TIMEOUT_MS);
+      if (!probe) {
+        await restart('daemon hung', `after input ${lastIndex} the daemon stopped answering (a well-formed session failed: ${(e as Error).message.split('\n')[0]})\nlast input: ${cur ? describeInput(fz.res, cur) : '?'}`, lastIndex, true);
+        return;
+      }
+      probe.close();
+      fail(lastIndex, 'well-formed session failed after fuzzing', (e as Error).message);
+    }
+    if (!base) {
+      const st = await idleState(d);
+      if (st) base = { fds: st.fds, maps: st.maps.length };
+    } else {
+      const leak = await checkLeaks(d, base);
+      extra.leakChecks!++;
+      if (leak) {
+        fail(-1, 'leak', `after inputs up to ${lastIndex}: ${leak}`);
+        const st = await idleState(d);
+        if (st) base = { fds: st.fds, maps: st.maps.length };
+      }
+    }
+    // Every connection the daemon closed must have its log line.
+    const deadline = Date.now() + 1_000;
+    d.log.scan();
+    while (d.log.protocolCloses - closeLogsBase < closeLogsExpected && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 10));
+      d.log.scan();
+    }
+    if (d.log.protocolCloses - closeLogsBase < closeLogsExpected) {
+      fail(-1, 'silent close', `${closeLogsExpected} connections closed by the daemon, only ${d.log.protocolCloses - closeLogsBase} 'closing connection' log lines`);
+    }
+    closeLogsBase = d.log.protocolCloses;
+    closeLogsExpected = 0;
+    newProblems(lastIndex, cur);
+    pendingIndex = -1;
+    fz.res.drainPipe();
+  };
+
+  try {
+    await fz.learnOffer();
+    await checkpoint(start - 1);
+    for (let index = start; index < start + opts.count; index++) {
+      if (failures.length >= maxFailures || opts.signal?.aborted) break;
+      prev = cur;
+      let input: Input;
+      try {
+        input = generate(seed, index, fz.res, fz.offer, avoid);
+      } catch (e) {
+        fail(index, 'fuzzer bug', `generating the input threw: ${(e as Error).stack}`);
+        continue;
+      }
+      cur = input;
+      if (input.tags.has('past-eof')) extra.pastEofInputs!++;
+      if (input.manyFds) extra.manyFdsInputs!++;
+      if (input.sync) extra.syncInputs!++;
+      if (input.inflight) extra.inflightInputs!++;
+      let out: Outcome;
+      let tries = 0;
+      for (;;) {
+        // The previous input is over once this connection is accepted; its log lines are all written.
+        out = await fz.run(input, () => {
+          if (pendingIndex >= 0) newProblems(pendingIndex, prev);
+          pendingIndex = -1;
+        });
+        if (out.kind !== 'refused') break;
+        extra.refusedRetries!++;
+        if (d.exited()) break;
+        if (++tries > 5_000) {
+          out = { kind: 'fail', why: 'the daemon refused new connections for too long (a previous one never finished closing)', fatal: true };
+          break;
+        }
+        await new Promise((r) => setImmediate(r));
+        if (tries > 50) await new Promise((r) => setTimeout(r, 1));
+      }
+      inputs++;
+      if (d.exited()) {
+        await restart('daemon died', `vhostd ${d.exitInfo} during input ${index} (or while tearing down input ${index - 1}).\n${describeInput(fz.res, input)}`, index);
+        ticker.tick(inputs, failures.length);
+        continue;
+      }
+      if (out.kind === 'fail') {
+        const before = out.fatal && out.why.startsWith('no reply to the opening') && prev ? `\nThe daemon stopped answering before this input began; the previous input (${index - 1}) was:\n${describeInput(fz.res, prev)}` : '';
+        if (out.fatal) {
+          await restart('daemon hung', `${out.why}${before}\nthis input: ${describeInput(fz.res, input)}`, index, true);
+          continue;
+        }
+        fail(index, 'bad behaviour', `${out.why}\n${describeInput(fz.res, input)}\n--- daemon log (tail) ---\n${d.log.recent(6)}`);
+      } else if (out.kind === 'close') {
+        closes++;
+        closeLogsExpected++;
+      } else if (out.kind === 'reply') replies++;
+      else extra.aborted!++;
+      // When the daemon closed the connection, it is done with this input; otherwise wait for the next acceptance.
+      if (out.kind === 'close') newProblems(index, input);
+      else pendingIndex = index;
+      if ((index + 1) % batch === 0) await checkpoint(index);
+      ticker.tick(inputs, failures.length);
+    }
+    if (!d.exited()) await checkpoint(start + opts.count - 1);
+    if (d.exited()) await restart('daemon died', `vhostd ${d.exitInfo} at the end of the run`, start + opts.count - 1);
+  } finally {
+    await d.stop();
+    fz.destroy();
+  }
+  const elapsedMs = Date.now() - t0;
+  ticker.tick(inputs, failures.length, true);
+  return { target: 'socket', seed, inputs, closes, replies, failures, elapsedMs, rate: (inputs * 1000) / elapsedMs, extra };
+}
+
+export const _test = { parseStream, matchReplies, Resources, generate, describeInput };
