@@ -1,7 +1,8 @@
 // Split virtqueue mechanics (VIRTIO 1.x §2.7): reading the avail ring, walking
 // descriptor chains, filling the used ring and deciding on notifications.
 // Everything read from guest memory is hostile and is validated here.
-import { GuestMemory, MAX_ADDRESS, WINDOW_OVERLAP } from './guest-memory.js';
+import { native } from '../native/index.js';
+import { GuestMemory, MAX_ADDRESS, WINDOW_OVERLAP, type Place } from './guest-memory.js';
 
 export const DESC_F_NEXT = 1;
 export const DESC_F_WRITE = 2;
@@ -24,6 +25,12 @@ export const u16 = (v: number): number => v & 0xffff;
 /** VIRTIO 1.x "vring_need_event": notify when the driver's event index lies in [old, new). */
 export function needEvent(event: number, newIdx: number, oldIdx: number): boolean {
   return u16(newIdx - event - 1) < u16(newIdx - oldIdx);
+}
+
+/** Typed arrays need aligned offsets in their buffer, and atomics need aligned host addresses. */
+function misaligned(p: Place, align: number): boolean {
+  const host = Number(native.address(p.bytes) % 64n) + p.offset;
+  return (p.bytes.byteOffset + p.offset) % align !== 0 || host % align !== 0;
 }
 
 export function ringSizes(size: number): { desc: number; avail: number; used: number } {
@@ -94,6 +101,11 @@ export class SplitRing {
     const a = mem.smallByUva(addrs.avail, sz.avail);
     const u = mem.smallByUva(addrs.used, sz.used);
     if (!d || !a || !u) throw new RingError('ring addresses lie outside guest memory');
+    // A region whose file offset and front-end address disagree in their low bits puts aligned
+    // rings at odd places of our mapping, where the avail and used rings cannot be accessed atomically.
+    if (misaligned(d, 16) || misaligned(a, 2) || misaligned(u, 4)) {
+      throw new RingError('ring addresses map to misaligned memory: the region\'s mmap_offset and userspace_addr are not aligned alike');
+    }
     this.size = size;
     this.mem = mem;
     this.features = features;

@@ -27,6 +27,12 @@ export interface VringLogger {
 
 /** How long a ring with no kick fd (VRING_NOFD) waits between polls. */
 const POLL_INTERVAL_MS = 1;
+/**
+ * Chains one event-loop turn may take before the queue yields. A driver that
+ * republishes as fast as we complete (or a used ring laid over the avail ring)
+ * would otherwise starve every other queue and the control socket.
+ */
+const RUN_BUDGET = 1024;
 const ONE = new BigUint64Array([1n]);
 
 export class Vring {
@@ -55,6 +61,12 @@ export class Vring {
   private drainWaiters: (() => void)[] = [];
   private notifyPending = false;
   private notifyScheduled = false;
+  private runScheduled = false;
+  /** Chains taken in this event-loop turn (reset by an immediate queued at the first). */
+  private taken = 0;
+  private readonly resetTaken = (): void => {
+    this.taken = 0;
+  };
   /** After GET_VRING_BASE nothing is popped and the call fd is never written. */
   private stopping = false;
   private readonly scratch = new BigUint64Array(1);
@@ -128,7 +140,11 @@ export class Vring {
     if (fresh && this.callFd >= 0 && this.enabled) this.signalCall();
     if (this.kickFd >= 0) {
       const fd = this.kickFd;
-      this.kickWatch = native.watch(fd, POLL_READABLE, () => this.onKick(fd));
+      try {
+        this.kickWatch = native.watch(fd, POLL_READABLE, () => this.onKick(fd));
+      } catch (e) {
+        throw new RingError(`kick fd cannot be polled: ${(e as Error).message}`);
+      }
     } else {
       this.pollTimer = setInterval(() => this.run(), POLL_INTERVAL_MS);
     }
@@ -145,9 +161,14 @@ export class Vring {
     this.run();
   }
 
-  /** Run the handler soon, e.g. at start or when the ring is enabled. */
+  /** Run the handler soon, e.g. at start, when the ring is enabled, or after a run used its budget. */
   schedule(): void {
-    setImmediate(() => this.run());
+    if (this.runScheduled) return;
+    this.runScheduled = true;
+    setImmediate(() => {
+      this.runScheduled = false;
+      this.run();
+    });
   }
 
   /** Service the queue; a bug while doing so fails this queue, not the daemon. */
@@ -183,6 +204,7 @@ export class Vring {
       this.inflightRecord?.fetched(chain.head);
     }
     this.inflight++;
+    if (this.taken++ === 0) setImmediate(this.resetTaken);
     if (chain.error && !this.handler!.tolerateBadChains) {
       this.complete(chain.head, 0);
       this.fail(chain.error);
@@ -191,9 +213,18 @@ export class Vring {
     return true;
   }
 
-  /** True if more chains arrived while kicks were off, or resubmissions wait: keep going. */
+  /**
+   * True if more chains arrived while kicks were off, or resubmissions wait:
+   * keep going. Once this loop turn has used its budget, a run is scheduled
+   * for the next turn instead and this returns false.
+   */
   rearm(): boolean {
-    return this.active && (this.resubmit.length > 0 || this.ring!.enableKicks());
+    if (!this.active) return false;
+    if (this.taken >= RUN_BUDGET) {
+      this.schedule();
+      return false;
+    }
+    return this.resubmit.length > 0 || this.ring!.enableKicks();
   }
 
   /** Complete a popped chain. The notification is batched to the end of this loop turn. */

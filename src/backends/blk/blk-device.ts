@@ -259,6 +259,7 @@ export class BlkDevice implements Device {
           if (flags & ~allowed) return fail(`segment flags 0x${flags.toString(16)} not supported`, S_UNSUPP);
           const offset = this.checkRange(s, n * SECTOR);
           if (typeof offset === 'string') return fail(offset);
+          if (n === 0) continue; // nothing to do, and fallocate refuses a zero length
           ranges.push({ offset, length: n * SECTOR, unmap: (flags & WRITE_ZEROES_F_UNMAP) !== 0 });
         }
         if (type === T_DISCARD) {
