@@ -348,6 +348,10 @@ describe.each(KINDS)('vhost-user-blk protocol: %s', { timeout: 60_000 }, (kind) 
         expected.fill(0, 40 * SECTOR, 44 * SECTOR);
         expectBytes((await b.read(base, data.length)).data, expected, 'read after discard/write-zeroes');
         expectBytes(be.readImage(base * SECTOR, data.length), expected, 'image after discard/write-zeroes');
+        // A segment of zero sectors is a no-op that succeeds.
+        expect((await b.discard([{ sector: base, sectors: 0 }])).status).toBe(S.OK);
+        expect((await b.writeZeroes([{ sector: base, sectors: 0 }])).status).toBe(S.OK);
+        expectBytes(be.readImage(base * SECTOR, data.length), expected, 'image after zero-sector segments');
         // Out of range segments fail.
         expect((await b.writeZeroes([{ sector: CAPACITY - 4, sectors: 8 }])).status).toBe(S.IOERR);
         expect((await b.run({ type: T.DISCARD, out: segments([{ sector: CAPACITY, sectors: 1 }]) })).status).toBe(S.IOERR);

@@ -350,6 +350,34 @@ describe('vhostd only', { timeout: 60_000 }, () => {
       },
     ];
 
+    it('a used ring laid over the avail ring (every completion republishes the chain) does not starve the daemon', async () => {
+      await withSession(be, async (s) => {
+        await s.startDevice({ queues: 2 });
+        const q = s.queues[0]!;
+        q.base = await s.fe.getVringBase(0);
+        // One GET_ID chain at descriptor 0; every avail slot names it.
+        const hdr = s.mem.alloc(16);
+        new DataView(s.mem.view(hdr, 16).buffer, s.mem.view(hdr, 16).byteOffset, 16).setUint32(0, T.GET_ID, true);
+        const buf = s.mem.alloc(21);
+        q.submitRaw([
+          { slot: 0, desc: { addr: hdr, len: 16, flags: DESC_F_NEXT, next: 1 } },
+          { slot: 1, desc: { addr: buf, len: 21, flags: DESC_F_WRITE, next: 0 } },
+        ], 0);
+        s.mem.fill(q.availGpa + 4, 2 * q.size, 0);
+        const a = q.addrs();
+        await s.fe.setVringAddr({ index: 0, desc: a.desc, avail: a.avail, used: a.avail });
+        await s.fe.setVringKick(0, q.kickFd);
+        // The queue spins on its own completions; everything else must still be served.
+        for (let i = 0; i < 20; i++) expect(await s.fe.getQueueNum()).toBe(2n);
+        const d = randomBytes(4096);
+        expect((await s.blk[1]!.write(91, d)).status).toBe(S.OK);
+        expectBytes((await s.blk[1]!.read(91, 4096)).data, d, 'other queue');
+        await s.fe.getVringBase(0);
+      });
+      expect(be.exited()).toBe(false);
+      await serves(be);
+    });
+
     it.each(cases)('$name', async ({ make }) => {
       await withSession(be, async (s) => {
         await s.startDevice({ queues: 2 });

@@ -206,6 +206,17 @@ describe('split ring', () => {
       expect(() => new SplitRing(mem!, 3, { desc: 0, avail: 0x1000, used: 0x2000 }, ALL, 0)).toThrow(/power of two/);
       expect(() => new SplitRing(mem!, 8, { desc: 8, avail: 0x1000, used: 0x2000 }, ALL, 0)).toThrow(/misaligned/);
     });
+
+    it('rejects aligned ring addresses that land at odd offsets of the mapping', () => {
+      // The region's front-end address is odd while its file offset is page aligned:
+      // an aligned ring address then sits at an odd byte of the mapping.
+      mem = makeMemory([{ gpa: 0, size: 1 << 20, uva: 0x10001 }]);
+      expect(() => new SplitRing(mem!, 8, { desc: 0x20000, avail: 0x21000, used: 0x22000 }, ALL, 0)).toThrow(/misaligned memory/);
+      mem.clear();
+      // Same low bits on both sides: fine.
+      mem = makeMemory([{ gpa: 0, size: 1 << 20, uva: 0x10000 }]);
+      expect(() => new SplitRing(mem!, 8, { desc: 0x20000, avail: 0x21000, used: 0x22000 }, ALL, 0)).not.toThrow();
+    });
   });
 
   describe('notifications', () => {
