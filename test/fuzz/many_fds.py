@@ -34,8 +34,10 @@ def one(req):
     fds = fds_for(req['nfds'])
     try:
         s.connect(req['path'])
-        s.sendall(GET_FEATURES)
         try:
+            # A connection the daemon refuses (it still serves another) can fail the very
+            # first send; what was read back (nothing, then EOF) tells the caller.
+            s.sendall(GET_FEATURES)
             socket.send_fds(s, [bytes.fromhex(req['msg'])], fds)
             s.sendall(bytes.fromhex(req['probe']))
         except (BrokenPipeError, ConnectionResetError):

@@ -13,7 +13,7 @@
 // device reported OK was allowed to change it.
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
 import { native, EFD_CLOEXEC, EFD_NONBLOCK, POLL_READABLE, type WatchHandle } from '../../src/native/index.js';
-import { BlkQueue, S, T } from '../driver/blk.js';
+import { BlkQueue, POISON as POISON_BLK, S, T } from '../driver/blk.js';
 import { GiB, GuestMemory, KiB, MiB } from '../driver/guest.js';
 import { DRIVER_FEATURES, DRIVER_PROTOCOL } from '../driver/session.js';
 import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, SplitQueue } from '../driver/virtqueue.js';
@@ -1197,12 +1197,47 @@ class RingFuzzer {
         for (let i = 0; i < 8; i++) this.allow(sector + i, data.slice(i * SECTOR, (i + 1) * SECTOR));
         const r = await this.blk1.read(sector, 4096, { region: 0, split: rng.chance(0.5) ? [512, 3584] : undefined });
         if (r.status !== S.OK) throw new Error(`queue 1 read: status ${r.status}`);
-        if (Buffer.compare(r.data, data) !== 0) throw new Error(`queue 1 read back differs from what it wrote at sector ${sector}`);
+        if (Buffer.compare(r.data, data) !== 0) throw new Error(`queue 1 read back differs from what it wrote at sector ${sector}: ${this.describeMismatch(sector, r, data)}`);
         this.q1Ops++;
       } catch (e) {
         this.q1Error = (e as Error).message;
       }
     })();
+  }
+
+  /** What a queue 1 read returned instead of the data just written, for the failure report. */
+  private describeMismatch(sector: number, r: { data: Uint8Array; usedLen: number; head: number }, wrote: Uint8Array): string {
+    let first = -1;
+    let count = 0;
+    for (let i = 0; i < wrote.length; i++) {
+      if (r.data[i] !== wrote[i]) {
+        if (first < 0) first = i;
+        count++;
+      }
+    }
+    const sectors: string[] = [];
+    for (let i = 0; i < 8; i++) {
+      const got = r.data.subarray(i * SECTOR, (i + 1) * SECTOR);
+      const same = (x: Uint8Array): boolean => Buffer.compare(got, x) === 0;
+      const kind = same(wrote.subarray(i * SECTOR, (i + 1) * SECTOR)) ? 'ok'
+        : got.every((b) => b === POISON_BLK) ? 'poison (never written)'
+        : got.every((b) => b === 0) ? 'zeros'
+        : same(PATTERN_IMAGE.subarray((sector + i) * SECTOR, (sector + i + 1) * SECTOR)) ? 'original pattern'
+        : this.allowed[sector + i]?.some(same) ? 'an earlier allowed version'
+        : `other (${Buffer.from(got.subarray(0, 8)).toString('hex')}...)`;
+      sectors.push(kind);
+    }
+    let onDisk = 'unreadable';
+    try {
+      const fd = openSync(this.d.image, 'r');
+      const b = new Uint8Array(wrote.length);
+      readSync(fd, b, 0, b.length, sector * SECTOR);
+      closeSync(fd);
+      onDisk = Buffer.compare(b, wrote) === 0 ? 'the written data' : 'something else';
+    } catch {
+      /* keep 'unreadable' */
+    }
+    return `${count} bytes differ from byte ${first}; used len ${r.usedLen}, head ${r.head}; sectors: ${sectors.join(', ')}; the image now holds ${onDisk}`;
   }
 
   /** The image and the guest's read-only and unused memory, against what was allowed. */
