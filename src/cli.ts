@@ -54,7 +54,7 @@ export function qemuNetCommandLine(socket: string, pairs: number, mtu?: number):
 }
 
 /** Listen, print how to attach, serve until SIGTERM/SIGINT, then drain and release. */
-async function serve(device: Device, socket: string, client: boolean, log: Logger, attach: string, release: () => void): Promise<number> {
+async function serve(device: Device, socket: string, client: boolean, log: Logger, attach: string, release: () => void | Promise<void>): Promise<number> {
   const server = new Server(socket, device, log);
   if (client) {
     server.connect();
@@ -62,7 +62,7 @@ async function serve(device: Device, socket: string, client: boolean, log: Logge
     try {
       server.listen();
     } catch (e) {
-      release();
+      await release();
       throw new UsageError(`cannot listen on ${socket}: ${(e as Error).message}`);
     }
   }
@@ -75,7 +75,7 @@ async function serve(device: Device, socket: string, client: boolean, log: Logge
   });
   log.info({ signal }, 'shutting down: draining requests in flight');
   await server.close();
-  release();
+  await release();
   log.info('stopped');
   log.flush();
   return 0;
@@ -142,9 +142,10 @@ async function runNet(args: NetArgs): Promise<number> {
     }
   }
   log.info({ tap: tap.name, created: tap.created, persist: args.persist, queuePairs: args.numQueues }, 'tap opened');
-  const device = new NetDevice({ tap, queuePairs: args.numQueues, mtu: args.mtu }, log);
-  return serve(device, args.socket, args.client, log, qemuNetCommandLine(args.socket, args.numQueues, args.mtu), () => {
+  const device = new NetDevice({ tap, queuePairs: args.numQueues, mtu: args.mtu, logLevel: args.logLevel }, log);
+  return serve(device, args.socket, args.client, log, qemuNetCommandLine(args.socket, args.numQueues, args.mtu), async () => {
     log.info({ stats: device.stats }, 'traffic totals');
+    await device.close();
     tap.close();
   });
 }

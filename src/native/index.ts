@@ -25,6 +25,8 @@ export interface Native {
   read(fd: number, buf: ArrayBufferView): number;
   write(fd: number, buf: ArrayBufferView): number;
   close(fd: number): number;
+  /** dup(2), close-on-exec: the new fd, or -errno. */
+  dup(fd: number): number;
   ioctl(fd: number, request: number | bigint, arg: number | ArrayBufferView): number;
   mmap(fd: number, length: number | bigint, offset: number | bigint, prot: number): bigint;
   munmap(address: bigint, length: number | bigint): void;

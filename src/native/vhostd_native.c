@@ -468,6 +468,15 @@ static napi_value js_socket(napi_env env, napi_callback_info info) {
   return make_int(env, fd);
 }
 
+// dup(fd) -> a new close-on-exec fd for the same file, or -errno.
+static napi_value js_dup(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int32_t fd;
+  if (get_args(env, info, 1, argv) || get_i32(env, argv[0], &fd)) return NULL;
+  int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  return make_int(env, nfd < 0 ? -errno : nfd);
+}
+
 static napi_value js_close(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   int32_t fd;
@@ -581,7 +590,7 @@ NAPI_MODULE_INIT() {
       {"ioctl", js_ioctl},     {"mmap", js_mmap},       {"munmap", js_munmap},
       {"view", js_view},       {"detach", js_detach},   {"address", js_address},
       {"pageSize", js_page_size}, {"fallocate", js_fallocate},
-      {"readv", js_readv},     {"setEvents", js_set_events},     {"writev", js_writev},   {"socket", js_socket},
+      {"dup", js_dup},         {"readv", js_readv},     {"setEvents", js_set_events},     {"writev", js_writev},   {"socket", js_socket},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

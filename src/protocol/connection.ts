@@ -10,7 +10,8 @@ import { ftruncateSync } from 'node:fs';
 import { GuestMemory, MemoryError } from '../ring/guest-memory.js';
 import { InflightArea, InflightError, inflightQueueBytes } from '../ring/inflight.js';
 import { RingError, MAX_QUEUE_SIZE } from '../ring/split-ring.js';
-import { Vring } from '../ring/vring.js';
+import { RemoteVring } from '../ring/queue-thread.js';
+import { Vring, type Virtqueue } from '../ring/vring.js';
 import {
   bit,
   decodeConfig,
@@ -70,7 +71,7 @@ interface Message {
 export class Connection {
   private readonly mem = new GuestMemory();
   private inflight: InflightArea | undefined;
-  private readonly vrings: Vring[];
+  private readonly vrings: Virtqueue[];
   private watch: WatchHandle | undefined;
   private readonly header = new Uint8Array(HEADER_SIZE);
   private readonly fdScratch = new Int32Array(MAX_FDS);
@@ -91,7 +92,10 @@ export class Connection {
     log: Logger,
   ) {
     this.log = log;
-    this.vrings = Array.from({ length: device.numQueues }, (_, i) => new Vring(i, this.mem, log));
+    this.vrings = Array.from({ length: device.numQueues }, (_, i) => {
+      const thread = device.queueThread?.(i);
+      return thread ? new RemoteVring(i, this.mem, thread, log) : new Vring(i, this.mem, log);
+    });
     this.reading = { buf: this.header, got: 0, fds: [] };
     this.closedPromise = new Promise((r) => (this.resolveClosed = r));
     this.watch = native.watch(fd, POLL_READABLE, () => this.onReadable());
@@ -198,14 +202,14 @@ export class Connection {
     if (msg.fds.length) throw new ProtocolError(`${requestName(msg.request)}: carries ${msg.fds.length} unexpected fds`);
   }
 
-  private vring(index: number, request: number): Vring {
+  private vring(index: number, request: number): Virtqueue {
     const v = this.vrings[index];
     if (!v) throw new ProtocolError(`${requestName(request)}: queue ${index} does not exist (device has ${this.vrings.length})`);
     return v;
   }
 
   /** A queue whose configuration may change: it must not be running. */
-  private idleVring(index: number, request: number): Vring {
+  private idleVring(index: number, request: number): Virtqueue {
     const v = this.vring(index, request);
     if (v.started) throw new ProtocolError(`${requestName(request)}: queue ${index} is running`);
     return v;
@@ -237,7 +241,7 @@ export class Connection {
         this.ackedFeatures = f;
         this.featuresSet = true;
         // Without protocol features a ring is enabled as soon as it exists.
-        if (!(f & bit(F_PROTOCOL_FEATURES))) for (const v of this.vrings) v.enabled = true;
+        if (!(f & bit(F_PROTOCOL_FEATURES))) for (const v of this.vrings) v.setEnabled(true);
         this.ack(msg, true);
         return;
       }
@@ -393,8 +397,7 @@ export class Connection {
         // Allowed as soon as we offer protocol features (always): QEMU's net front-end
         // sends it before SET_FEATURES.
         if (s.num > 1) throw new ProtocolError(`SET_VRING_ENABLE: value ${s.num} is not 0 or 1`);
-        v.enabled = s.num === 1;
-        if (v.enabled && v.started) v.schedule();
+        v.setEnabled(s.num === 1);
         this.ack(msg, true);
         return;
       }
@@ -483,27 +486,23 @@ export class Connection {
     }
   }
 
-  private startRing(v: Vring): void {
+  private startRing(v: Virtqueue): void {
     if (!v.configured) {
       this.log.warn({ queue: v.index }, 'kick fd arrived before the ring was configured; waiting');
       return;
     }
     if (!this.featuresSet) this.log.warn({ queue: v.index }, 'ring started before SET_FEATURES');
     const f = this.ackedFeatures;
-    try {
-      v.start(
-        {
-          eventIdx: (f & bit(VIRTIO_RING_F_EVENT_IDX)) !== 0n,
-          indirect: (f & bit(VIRTIO_RING_F_INDIRECT_DESC)) !== 0n,
-          notifyOnEmpty: (f & bit(VIRTIO_F_NOTIFY_ON_EMPTY)) !== 0n,
-        },
-        this.device.startQueue(v),
-      );
-      this.log.debug({ queue: v.index, size: v.size, base: v.base }, 'queue started');
-    } catch (e) {
-      if (!(e instanceof RingError)) throw e;
-      v.fail(e.message);
-    }
+    // A ring that cannot start (rings outside memory, an unpollable kick fd) fails itself.
+    v.start(
+      {
+        eventIdx: (f & bit(VIRTIO_RING_F_EVENT_IDX)) !== 0n,
+        indirect: (f & bit(VIRTIO_RING_F_INDIRECT_DESC)) !== 0n,
+        notifyOnEmpty: (f & bit(VIRTIO_F_NOTIFY_ON_EMPTY)) !== 0n,
+      },
+      this.device,
+    );
+    this.log.debug({ queue: v.index, size: v.size, base: v.base }, 'queue started');
   }
 
   /**

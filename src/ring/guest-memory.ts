@@ -23,11 +23,24 @@ export interface RegionSpec {
   fd: number;
 }
 
+/**
+ * A mapped region as another thread of this process sees it: the address of
+ * its first byte in our mapping. Plain data, so it can be posted to a worker.
+ */
+export interface SharedRegion {
+  gpa: number;
+  size: number;
+  uva: number;
+  mmapOffset: number;
+  address: bigint;
+}
+
 export interface Region {
   readonly gpa: number;
   readonly size: number;
   readonly uva: number;
   readonly mmapOffset: number;
+  /** The region's fd, or -1 for a mirror of another thread's mapping (nothing to unmap or close). */
   readonly fd: number;
   /** Distance from the start of the mapping to the region's first byte. */
   readonly skew: number;
@@ -49,6 +62,16 @@ export interface Place {
   offset: number;
   /** Contiguous bytes available in `bytes` from `offset`. */
   avail: number;
+}
+
+/** Overlapping windows over `size` mapped bytes at `address` (see the top of this file). */
+function windowsOver(address: bigint, size: number): Uint8Array[] {
+  const windows: Uint8Array[] = [];
+  for (let start = 0; start < size; start += WINDOW_SIZE) {
+    const len = Math.min(WINDOW_SIZE + WINDOW_OVERLAP, size - start);
+    windows.push(new Uint8Array(native.view(address + BigInt(start), len)));
+  }
+  return windows;
 }
 
 export class GuestMemory {
@@ -116,11 +139,7 @@ export class GuestMemory {
       } catch (e) {
         throw new MemoryError(`cannot map region (size ${size}, offset ${mmapOffset}): ${(e as Error).message}`);
       }
-      const windows: Uint8Array[] = [];
-      for (let start = 0; start < size; start += WINDOW_SIZE) {
-        const len = Math.min(WINDOW_SIZE + WINDOW_OVERLAP, size - start);
-        windows.push(new Uint8Array(native.view(mapAddress + BigInt(skew + start), len)));
-      }
+      const windows = windowsOver(mapAddress + BigInt(skew), size);
       const region: Region = { gpa, size, uva, mmapOffset, fd: spec.fd, skew, mapAddress, mapLength, windows, refs: 1 };
       this.regions.push(region);
       this.generation++;
@@ -129,6 +148,25 @@ export class GuestMemory {
       native.close(spec.fd);
       throw e;
     }
+  }
+
+  /** The regions for another thread to mirror(); valid until this table changes. */
+  shared(): SharedRegion[] {
+    return this.regions.map((r) => ({ gpa: r.gpa, size: r.size, uva: r.uva, mmapOffset: r.mmapOffset, address: r.mapAddress + BigInt(r.skew) }));
+  }
+
+  /**
+   * Replace the table with views of another thread's mappings (a queue thread
+   * reads the guest through the daemon's one mapping). The owner must not
+   * unmap them before this side clear()s.
+   */
+  mirror(regions: readonly SharedRegion[]): void {
+    this.clear();
+    for (const r of regions) {
+      const windows = windowsOver(r.address, r.size);
+      this.regions.push({ gpa: r.gpa, size: r.size, uva: r.uva, mmapOffset: r.mmapOffset, fd: -1, skew: 0, mapAddress: r.address, mapLength: 0, windows, refs: 1 });
+    }
+    this.generation++;
   }
 
   /** Drop a reference to the region matching gpa/size/uva (REM_MEM_REG); returns whether one was found. */
@@ -158,6 +196,7 @@ export class GuestMemory {
     if (this.last === r) this.last = undefined;
     for (const w of r.windows) native.detach(w.buffer as ArrayBuffer);
     r.windows.length = 0;
+    if (r.fd < 0) return; // a mirror: the owning thread unmaps
     native.munmap(r.mapAddress, r.mapLength);
     native.close(r.fd);
   }

@@ -18,6 +18,51 @@ export interface VringHandler {
   tolerateBadChains?: boolean;
 }
 
+/** Whoever runs a queue's data path (the device). */
+export interface QueueOwner {
+  /** The queue starts on this thread: return who handles its kicks. */
+  startQueue(q: Vring): VringHandler;
+  /** The queue starts on a queue thread: what that thread's runner needs (posted, so plain data). */
+  queueSetup?(index: number): unknown;
+}
+
+/**
+ * One virtqueue as the protocol layer drives it: its configuration and
+ * lifecycle, wherever its data path runs (a Vring here, a RemoteVring on a
+ * queue thread).
+ */
+export interface Virtqueue {
+  readonly index: number;
+  size: number;
+  base: number;
+  addrs: RingAddresses | undefined;
+  /** Shared record of chains in flight (INFLIGHT_SHMFD), set before the ring starts. */
+  inflightRecord: InflightQueue | undefined;
+  readonly enabled: boolean;
+  /** Set when the ring is unusable until the front-end reconfigures it. */
+  readonly failed: string | undefined;
+  /** Between start() and stop(). */
+  readonly started: boolean;
+  /** Whether everything a start needs has arrived. */
+  readonly configured: boolean;
+  setEnabled(on: boolean): void;
+  setKick(fd: number | null): void;
+  setCall(fd: number | null): void;
+  setErr(fd: number | null): void;
+  /** Start on its kick; a ring that cannot start fails (the queue, not the caller). */
+  start(features: RingFeatures, owner: QueueOwner): void;
+  /** GET_VRING_BASE: drain, go silent, resolve to the next avail index. */
+  stop(): Promise<number>;
+  /** Stop taking chains and drain, keeping the configuration (memory is about to change). */
+  quiesce(): Promise<void>;
+  /** Continue after quiesce(), through the current memory table. */
+  resume(): void;
+  /** Mark the queue broken, log it and signal the err fd. */
+  fail(reason: string): void;
+  /** Release every fd and return to the initial state. */
+  reset(): void;
+}
+
 export interface VringLogger {
   error(obj: object, msg: string): void;
   warn(obj: object, msg: string): void;
@@ -35,7 +80,7 @@ const POLL_INTERVAL_MS = 1;
 const RUN_BUDGET = 1024;
 const ONE = new BigUint64Array([1n]);
 
-export class Vring {
+export class Vring implements Virtqueue {
   readonly index: number;
   size = 0;
   base = 0;
@@ -48,6 +93,8 @@ export class Vring {
   inflightRecord: InflightQueue | undefined;
   /** Heads an earlier back-end left in flight, to run before anything new. */
   private resubmit: number[] = [];
+  /** Told whenever the queue fails (a queue thread reports it to the daemon's side). */
+  onFail: ((reason: string) => void) | undefined;
 
   private kickFd = -1;
   private callFd = -1;
@@ -92,6 +139,11 @@ export class Vring {
     return this.ring !== undefined && this.enabled && !this.failed && !this.stopping;
   }
 
+  setEnabled(on: boolean): void {
+    this.enabled = on;
+    if (on && this.started) this.schedule();
+  }
+
   setKick(fd: number | null): void {
     this.closeKick();
     if (fd !== null) this.kickFd = fd;
@@ -108,21 +160,27 @@ export class Vring {
     this.errFd = fd ?? -1;
   }
 
-  /** Whether everything a start needs has arrived. */
   get configured(): boolean {
     return this.kickReady && this.size > 0 && this.addrs !== undefined && this.mem.regionCount > 0;
   }
 
   /**
    * Start the ring (on its kick): build the ring views, watch the kick fd and
-   * process once, since the driver may have kicked before we listened.
+   * process once, since the driver may have kicked before we listened. A
+   * queue thread passes fresh = false when it resumes after a memory change.
    */
-  start(features: RingFeatures, handler: VringHandler): void {
+  start(features: RingFeatures, owner: QueueOwner, fresh = true): void {
     this.features = features;
-    this.handler = handler;
     this.failed = undefined;
     this.resubmit = [];
-    this.attach(true);
+    try {
+      this.attach(fresh);
+      // Runs are scheduled, never synchronous: the handler is in place before the first.
+      this.handler = owner.startQueue(this);
+    } catch (e) {
+      if (!(e instanceof RingError)) throw e;
+      this.fail(e.message);
+    }
   }
 
   private attach(fresh: boolean): void {
@@ -289,6 +347,7 @@ export class Vring {
     this.failed = reason;
     this.log.error({ queue: this.index, reason }, 'virtqueue failed; it stays stopped until the front-end resets it');
     if (this.errFd >= 0) native.write(this.errFd, ONE);
+    this.onFail?.(reason);
   }
 
   /**
