@@ -195,6 +195,9 @@ for i in 0 1 2 3; do echo "@@RECV$i=$(md5sum /tmp/r$i | cut -d' ' -f1)"; done
         expect(t.txPackets).toBeGreaterThan(0);
         expect(t.rxPackets).toBeGreaterThan(0);
       }
+      // Each pair ran on a thread of its own.
+      const stops = r!.daemon.output().split('\n').filter((l) => l.includes('"msg":"queue pair stopped"')).map((l) => JSON.parse(l) as { thread: string; pair: number });
+      expect(new Set(stops.map((l) => `${l.pair}@${l.thread}`))).toEqual(new Set(['0@net-pair-0', '1@net-pair-1']));
     },
     GUEST_TIMEOUT + 60_000,
   );

@@ -7,9 +7,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { netTotals, startVhostdNet, type Backend } from '../e2e/daemons.js';
+import { fdCount, fdTargets, memfdMaps } from './inflight-helpers.js';
 import { Netns } from '../e2e/netns.js';
 import { FrontEnd } from '../driver/frontend.js';
-import { GuestMemory } from '../driver/guest.js';
+import { GuestMemory, MiB } from '../driver/guest.js';
 import { SplitQueue } from '../driver/virtqueue.js';
 import { bit, PF, VF } from '../driver/wire.js';
 
@@ -29,11 +30,8 @@ describe('vhostd net through the protocol driver', () => {
   let rx: SplitQueue;
   let tx: SplitQueue;
 
-  beforeEach(async () => {
-    ns = new Netns('np');
-    ns.sh('sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1');
-    dir = await mkdtemp(join(tmpdir(), 'vhostd-netproto-'));
-    daemon = await startVhostdNet(ns.name, ['--tap', TAP], join(dir, 'net.sock'));
+  /** Connect and start both rings of the pair, as QEMU does. */
+  async function open(): Promise<void> {
     fe = await FrontEnd.connect(daemon.socket);
     mem = new GuestMemory();
     const offered = await fe.getFeatures();
@@ -51,6 +49,14 @@ describe('vhostd net through the protocol driver', () => {
       await fe.setVringCall(q.index, q.callFd);
       await fe.setVringEnable(q.index, true);
     }
+  }
+
+  beforeEach(async () => {
+    ns = new Netns('np');
+    ns.sh('sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1');
+    dir = await mkdtemp(join(tmpdir(), 'vhostd-netproto-'));
+    daemon = await startVhostdNet(ns.name, ['--tap', TAP], join(dir, 'net.sock'));
+    await open();
   });
 
   afterEach(async () => {
@@ -65,8 +71,8 @@ describe('vhostd net through the protocol driver', () => {
 
   const tapStat = (name: string): number => Number(ns.sh(`cat /sys/class/net/${TAP}/statistics/${name}`));
 
-  function sendFrame(): number {
-    const gpa = mem.alloc(HDR + FRAME.length);
+  function sendFrame(region?: number): number {
+    const gpa = mem.alloc(HDR + FRAME.length, 16, region);
     mem.write(gpa, new Uint8Array(HDR));
     mem.write(gpa + HDR, FRAME);
     return tx.submit([{ gpa, len: HDR + FRAME.length, write: false }]);
@@ -166,5 +172,86 @@ print(s.recv(2048).hex(), flush=True)
     rx.kick();
     const used = await rx.waitUsed(2);
     expect(used.map((u) => u.len)).toEqual([HDR + FRAME.length, HDR + FRAME.length]);
+  });
+
+  // The pair runs on a queue thread: these check the daemon's side keeps it in step.
+
+  it('a new memory table under running rings: both directions keep working, also in the new region', async () => {
+    const before = tapStat('rx_packets');
+    sendFrame();
+    tx.kick();
+    await tx.waitUsed(1);
+    const r = mem.addRegion({ gpa: 64 * MiB, size: 4 * MiB, mmapOffset: MiB });
+    await fe.setMemTable(mem.table());
+    sendFrame(r.index);
+    tx.kick();
+    await tx.waitUsed(1);
+    expect(tapStat('rx_packets') - before).toBe(2);
+    const gpa = mem.alloc(2048, 16, r.index);
+    const head = rx.submit([{ gpa, len: 2048, write: true }]);
+    rx.kick();
+    inject(1);
+    const [u] = await rx.waitUsed(1);
+    expect(u!.id).toBe(head);
+    expect(Buffer.from(mem.read(gpa + HDR, FRAME.length)).equals(Buffer.from(FRAME))).toBe(true);
+  });
+
+  it('GET_VRING_BASE stops the pair; restarted from the bases it returned, it carries traffic again', async () => {
+    const before = tapStat('rx_packets');
+    sendFrame();
+    tx.kick();
+    await tx.waitUsed(1);
+    for (const q of [rx, tx]) await fe.setVringEnable(q.index, false);
+    const bases = [await fe.getVringBase(0), await fe.getVringBase(1)];
+    expect(bases).toEqual([0, 1]);
+    // Stopped: a frame published now stays in the ring.
+    sendFrame();
+    tx.kick();
+    await new Promise((r) => setTimeout(r, 200));
+    expect(tapStat('rx_packets') - before).toBe(1);
+    for (const q of [rx, tx]) {
+      await fe.setVringNum(q.index, q.size);
+      await fe.setVringBase(q.index, bases[q.index]!);
+      await fe.setVringAddr({ index: q.index, ...q.addrs() });
+      await fe.setVringKick(q.index, q.kickFd);
+      await fe.setVringCall(q.index, q.callFd);
+      await fe.setVringEnable(q.index, true);
+    }
+    await tx.waitUsed(1);
+    expect(tapStat('rx_packets') - before).toBe(2);
+  });
+
+  it('connections in a row leave no guest memory mapped and no fd open', async () => {
+    const pid = daemon.pid;
+    const cycle = async (): Promise<void> => {
+      sendFrame();
+      tx.kick();
+      await tx.waitUsed(1);
+      fe.close();
+      rx.destroy();
+      tx.destroy();
+      mem.destroy();
+    };
+    /** Back to `want` fds and no guest mapping, within a second. */
+    const settled = async (want?: number): Promise<number> => {
+      let fds = -1;
+      let maps: string[] = [];
+      for (let i = 0; i < 200; i++) {
+        fds = fdCount(pid);
+        maps = memfdMaps(pid).filter((l) => l.includes('vhostd-test-guest-'));
+        if (!maps.length && (want === undefined || fds === want)) return fds;
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      throw new Error(`vhostd holds ${fds} fds (want ${want}) and ${maps.length} guest mappings:\n${fdTargets(pid).join('\n')}\n${maps.join('\n')}`);
+    };
+    // The first connection starts the pair's thread (and its own fds): measure after it.
+    await cycle();
+    await new Promise((r) => setTimeout(r, 200));
+    const base = await settled();
+    for (let i = 0; i < 30; i++) {
+      await open();
+      await cycle();
+      await settled(base);
+    }
   });
 });
