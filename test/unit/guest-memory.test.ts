@@ -28,6 +28,29 @@ describe('guest memory', () => {
     expect(mem.small(640 * 1024 - 2, 4)).toBeUndefined(); // straddles the end of a region
   });
 
+  it('a mirror (what a queue thread builds) sees the same bytes and unmaps nothing', () => {
+    mem = makeMemory([
+      { gpa: 0, size: 2 * MiB, uva: 0x7f00_0000_0000, mmapOffset: 4096 },
+      { gpa: 0x1_0000_0000, size: 5 * GiB, uva: 0x7e00_0000_0000, mmapOffset: 3 * GiB },
+    ]);
+    const mirror = new GuestMemory();
+    mirror.mirror(mem.shared());
+    expect(mirror.version).not.toBe(0);
+    const top = 0x1_0000_0000 + 5 * GiB - 8;
+    gview(mirror, top, 8).setBigUint64(0, 0x0102030405060708n, true);
+    expect(gview(mem, top, 8).getBigUint64(0, true)).toBe(0x0102030405060708n);
+    gview(mem, 100, 4).setUint32(0, 0xfeed, true);
+    const p = mirror.smallByUva(0x7f00_0000_0000 + 100, 4)!;
+    expect(new DataView(p.bytes.buffer, p.bytes.byteOffset + p.offset, 4).getUint32(0, true)).toBe(0xfeed);
+    const before = memfdMappings();
+    const views = mirror.list().flatMap((r) => r.windows);
+    mirror.clear();
+    // Its views are detached (reading them finds nothing), the owner's mapping is still there.
+    expect(views.every((v) => v.byteLength === 0)).toBe(true);
+    expect(memfdMappings()).toBe(before);
+    expect(gview(mem, top, 8).getBigUint64(0, true)).toBe(0x0102030405060708n);
+  });
+
   it('maps a region that starts 3 GiB into its fd and is larger than 4 GiB', () => {
     // Like a 5G+ guest: the high region lives at a 3 GiB offset of the shared memfd.
     mem = makeMemory([{ gpa: 0x1_0000_0000, size: 5 * GiB, uva: 0x7e00_0000_0000, mmapOffset: 3 * GiB }]);
