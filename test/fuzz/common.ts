@@ -92,8 +92,20 @@ export function describeFailure(f: Failure, target: string): string {
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-export function envAvoid(): string[] {
+function envAvoid(): string[] {
   return (process.env.VHOSTD_FUZZ_AVOID ?? '').split(',').map((s) => s.trim()).filter(Boolean);
+}
+
+/** RunOptions with every default filled in, as both fuzzers use them. */
+export function withDefaults(opts: RunOptions): Required<Pick<RunOptions, 'start' | 'batch' | 'maxFailures' | 'log'>> & { seed: number; avoid: Set<string> } {
+  return {
+    seed: opts.seed >>> 0,
+    start: opts.start ?? 0,
+    batch: opts.batch ?? 2_000,
+    maxFailures: opts.maxFailures ?? 20,
+    avoid: new Set(opts.avoid ?? envAvoid()),
+    log: opts.log ?? (() => {}),
+  };
 }
 
 /**

@@ -23,7 +23,7 @@ import {
   checkLeaks,
   connectAccepted,
   describeFailure,
-  envAvoid,
+  withDefaults,
   idleState,
   sleep,
   Suppressor,
@@ -1653,12 +1653,7 @@ async function selfFeed(fz: RingFuzzer, gen: Gen): Promise<Judged> {
 }
 
 export async function run(opts: RunOptions): Promise<FuzzStats> {
-  const seed = opts.seed >>> 0;
-  const start = opts.start ?? 0;
-  const batch = opts.batch ?? 2_000;
-  const maxFailures = opts.maxFailures ?? 20;
-  const avoid = new Set(opts.avoid ?? envAvoid());
-  const log = opts.log ?? (() => {});
+  const { seed, start, batch, maxFailures, avoid, log } = withDefaults(opts);
   const failures: Failure[] = [];
   const extra: Record<string, number> = { queueFailures: 0, restarts: 0, reconnects: 0, queue1Ops: 0, q1OverwrittenByQ0: 0, q0SectorsInQ1Area: 0, verifications: 0, selfFeed: 0 };
   const t0 = Date.now();

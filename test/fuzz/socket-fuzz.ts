@@ -44,7 +44,7 @@ import {
   checkLeaks,
   connectAccepted,
   describeFailure,
-  envAvoid,
+  withDefaults,
   healthySession,
   idleState,
   Suppressor,
@@ -1293,12 +1293,7 @@ class SocketFuzzer {
 // ---------------------------------------------------------------- the run
 
 export async function run(opts: RunOptions): Promise<FuzzStats> {
-  const seed = opts.seed >>> 0;
-  const start = opts.start ?? 0;
-  const batch = opts.batch ?? 2_000;
-  const maxFailures = opts.maxFailures ?? 20;
-  const avoid = new Set(opts.avoid ?? envAvoid());
-  const log = opts.log ?? (() => {});
+  const { seed, start, batch, maxFailures, avoid, log } = withDefaults(opts);
   const failures: Failure[] = [];
   const extra: Record<string, number> = { aborted: 0, refusedRetries: 0, restarts: 0, healthySessions: 0, leakChecks: 0, pastEofInputs: 0, manyFdsInputs: 0, syncInputs: 0, inflightInputs: 0 };
   const t0 = Date.now();
