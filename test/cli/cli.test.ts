@@ -104,3 +104,17 @@ describe('vhostd CLI', () => {
     }
   });
 });
+
+describe('systemd units', () => {
+  // ExecStart names the installed /usr/bin/vhostd; here it points at this build instead.
+  it.each(['vhostd-blk@.service', 'vhostd-net@.service'])('%s passes systemd-analyze verify', (unit) => {
+    const text = readFileSync(new URL(`../../systemd/${unit}`, import.meta.url), 'utf8');
+    expect(text).toMatch(/^ExecStart=\/usr\/bin\/vhostd /m);
+    const copy = join(dir, unit.replace('@.', '@check.'));
+    writeFileSync(copy, text.replace(/^ExecStart=\/usr\/bin\/vhostd /m, `ExecStart=${process.execPath} ${DAEMON} `));
+    const r = spawnSync('systemd-analyze', ['verify', '--man=no', copy], { encoding: 'utf8' });
+    expect(r.error).toBeUndefined();
+    expect(`${r.stdout}${r.stderr}`.trim()).toBe('');
+    expect(r.status).toBe(0);
+  });
+});
