@@ -8,6 +8,8 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { netTotals, startVhostdNet, type Backend } from '../e2e/daemons.js';
 import { fdCount, fdTargets, memfdMaps } from './inflight-helpers.js';
+import { Rng } from '../fuzz/prng.js';
+import { native } from '../../src/native/index.js';
 import { Netns } from '../e2e/netns.js';
 import { FrontEnd } from '../driver/frontend.js';
 import { GuestMemory, MiB } from '../driver/guest.js';
@@ -253,5 +255,87 @@ print(s.recv(2048).hex(), flush=True)
       await cycle();
       await settled(base);
     }
+  });
+
+  it.each([0x7e7, 0xbeef, 2026])('300 random lifecycle steps (stops, restarts, memory tables, call fds, enables, reconnects) keep the pair sound (seed %i)', async (seed) => {
+    const rng = new Rng(seed, 0);
+    const pid = daemon.pid;
+    let running = true;
+    let sent = 0;
+    const expectSent = async (): Promise<void> => {
+      // Everything sent so far reached the tap (a stopped pair sends when restarted).
+      for (let i = 0; i < 400 && tapStat('rx_packets') < baseTx + sent; i++) await new Promise((r) => setTimeout(r, 5));
+      expect(tapStat('rx_packets') - baseTx).toBe(sent);
+    };
+    const restart = async (): Promise<void> => {
+      for (const q of [rx, tx]) {
+        await fe.setVringNum(q.index, q.size);
+        await fe.setVringBase(q.index, q.base);
+        await fe.setVringAddr({ index: q.index, ...q.addrs() });
+        await fe.setVringKick(q.index, q.kickFd);
+        await fe.setVringCall(q.index, q.callFd);
+        await fe.setVringEnable(q.index, true);
+      }
+      running = true;
+    };
+    const baseTx = tapStat('rx_packets');
+    for (let step = 0; step < 300; step++) {
+      const op = rng.weighted([[4, 'tx'], [2, 'stop'], [2, 'memtable'], [1, 'call'], [1, 'toggle'], [1, 'reconnect']] as const);
+      if (op === 'tx') {
+        // While stopped the frame waits in the ring until the restart.
+        sendFrame();
+        sent++;
+        tx.kick();
+        if (running) await tx.waitUsed(1, 5_000);
+      } else if (op === 'stop' && running) {
+        for (const q of [rx, tx]) await fe.setVringEnable(q.index, false);
+        for (const q of [rx, tx]) q.base = await fe.getVringBase(q.index);
+        running = false;
+      } else if (op === 'stop') {
+        await restart();
+        if (tx.outstanding) await tx.waitUsed(tx.outstanding, 5_000);
+      } else if (op === 'memtable') {
+        // Same table, or one more region: the daemon quiesces the pair's thread around it.
+        if (rng.chance(0.3) && mem.regions.length < 6) mem.addRegion({ gpa: (64 + 8 * mem.regions.length) * MiB, size: 2 * MiB, mmapOffset: 0 });
+        await fe.setMemTable(mem.table());
+      } else if (op === 'call') {
+        const old = tx.swapCallFd();
+        await fe.setVringCall(1, tx.callFd);
+        native.close(old);
+      } else if (op === 'toggle' && running) {
+        await fe.setVringEnable(1, false);
+        await fe.setVringEnable(1, true);
+      } else if (op === 'reconnect') {
+        // The next front-end starts from scratch.
+        if (!running) {
+          await restart();
+          if (tx.outstanding) await tx.waitUsed(tx.outstanding, 5_000);
+        }
+        await expectSent();
+        fe.close();
+        for (const q of [rx, tx]) q.destroy();
+        mem.destroy();
+        // vhostd refuses a second front-end until the first is torn down: retry like QEMU's reconnect.
+        for (let i = 0; ; i++) {
+          try {
+            await open();
+            break;
+          } catch (e) {
+            fe.close();
+            mem.destroy();
+            for (const q of [rx, tx]) q?.destroy();
+            if (i === 100) throw e;
+            await new Promise((r) => setTimeout(r, 20));
+          }
+        }
+        running = true;
+      }
+      if (step % 50 === 49 && running) await expectSent();
+    }
+    if (!running) await restart();
+    if (tx.outstanding) await tx.waitUsed(tx.outstanding, 5_000);
+    await expectSent();
+    expect(fdCount(pid)).toBeGreaterThan(0);
+    expect(daemon.output()).not.toMatch(/internal error|queue thread died/);
   });
 });
