@@ -22,11 +22,18 @@ const post = (m: FromThread): void => port.postMessage(m);
 const fdOrNull = (fd: number): number | null => (fd < 0 ? null : fd);
 
 function start(m: Extract<ToThread, { op: 'start' }>): void {
-  if (m.memoryVersion !== memVersion) {
-    // The daemon changes memory only with every ring stopped (and so none here).
-    if (rings.size) throw new Error(`memory table changed under running rings ${[...rings.keys()].join(', ')}`);
-    mem.mirror(m.memory);
-    memVersion = m.memoryVersion;
+  try {
+    if (rings.has(m.index)) throw new Error(`queue ${m.index} is already running here`);
+    if (m.memoryVersion !== memVersion) {
+      // The daemon changes memory only with every ring stopped (and so none here).
+      if (rings.size) throw new Error(`memory table changed under running rings ${[...rings.keys()].join(', ')}`);
+      mem.mirror(m.memory);
+      memVersion = m.memoryVersion;
+    }
+  } catch (e) {
+    // The fds are ours: nothing else will close them.
+    for (const fd of [m.kick, m.call, m.err]) if (fd >= 0) native.close(fd);
+    throw e;
   }
   const v = new Vring(m.index, mem, log.child(m.logBindings));
   v.size = m.size;
