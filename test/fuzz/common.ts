@@ -18,6 +18,8 @@ export interface Failure {
 export interface Progress {
   target: 'socket' | 'ring';
   inputs: number;
+  /** What the inputs carried: vhost-user messages (socket) or descriptor chains (ring). */
+  messages: number;
   elapsedMs: number;
   /** Inputs per second since the start. */
   rate: number;
@@ -28,6 +30,8 @@ export interface FuzzStats {
   target: 'socket' | 'ring';
   seed: number;
   inputs: number;
+  /** vhost-user messages (socket) or descriptor chains (ring) the inputs carried. */
+  messages: number;
   /** Inputs that ended with the daemon closing the connection (socket), or the queue failing (ring). */
   closes: number;
   /** Inputs that ended with a correct reply to the final probe (socket), or all requests completed (ring). */
@@ -211,6 +215,8 @@ export async function checkLeaks(d: FuzzDaemon, base: Baseline, settleMs = 1_000
 /** Progress reporting at most once a second. */
 export class Ticker {
   private last = 0;
+  /** Messages (socket) or chains (ring) sent so far. */
+  messages = 0;
   constructor(
     private readonly target: 'socket' | 'ring',
     private readonly t0: number,
@@ -223,6 +229,6 @@ export class Ticker {
     if (!force && now - this.last < 1_000) return;
     this.last = now;
     const elapsedMs = now - this.t0;
-    this.cb({ target: this.target, inputs, elapsedMs, rate: elapsedMs ? (inputs * 1000) / elapsedMs : 0, failures });
+    this.cb({ target: this.target, inputs, messages: this.messages, elapsedMs, rate: elapsedMs ? (inputs * 1000) / elapsedMs : 0, failures });
   }
 }

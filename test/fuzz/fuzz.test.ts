@@ -27,7 +27,8 @@ const SEED = parseSeed(process.env.VHOSTD_FUZZ_SEED, 0x7d05);
 
 function summary(st: FuzzStats): string {
   const extra = Object.entries(st.extra).map(([k, v]) => `${k} ${v}`).join(', ');
-  return `[${st.target}] seed ${st.seed}: ${st.inputs} inputs in ${(st.elapsedMs / 1000).toFixed(1)} s (${st.rate.toFixed(0)}/s); closes ${st.closes}, replies ${st.replies}; ${extra}`;
+  const what = st.target === 'socket' ? 'messages' : 'chains';
+  return `[${st.target}] seed ${st.seed}: ${st.inputs} inputs (${st.messages} ${what}) in ${(st.elapsedMs / 1000).toFixed(1)} s (${st.rate.toFixed(0)}/s); closes ${st.closes}, replies ${st.replies}; ${extra}`;
 }
 
 /** Every failure on one line with its replay command, then the details. */

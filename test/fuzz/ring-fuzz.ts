@@ -1822,6 +1822,7 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
         res = { kind: 'ok', error: `control connection: ${(e as Error).message}`, hung: true };
       }
       inputs++;
+      ticker.messages += p.heads.length;
       if (process.env.VHOSTD_FUZZ_TRACE && index >= Number(process.env.VHOSTD_FUZZ_TRACE)) console.log(`#${index} ${res.kind} err=${fz.errSignals} calls=${fz.callSignals} size=${fz.q0Size} avail=${fz.q0.availIdx} lastUsed=${fz.q0.lastUsed} usedMem=${Atomics.load(fz.q0.used, 1)} tags=${[...p.tags]} ${p.notes.join(' | ').slice(0, 300)}`);
       if (d.exited()) {
         await restartDaemon(index, `vhostd ${d.exitInfo} during input ${index}`);
@@ -1895,5 +1896,5 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
   const elapsedMs = Date.now() - t0;
   extra.timeoutWakeups = fz.timeouts;
   ticker.tick(inputs, failures.length, true);
-  return { target: 'ring', seed, inputs, closes, replies, failures, elapsedMs, rate: (inputs * 1000) / elapsedMs, extra };
+  return { target: 'ring', seed, inputs, messages: ticker.messages, closes, replies, failures, elapsedMs, rate: (inputs * 1000) / elapsedMs, extra };
 }

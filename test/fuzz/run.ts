@@ -67,7 +67,11 @@ async function runAll(targets: readonly ('socket' | 'ring')[], base: RunOptions)
       if (dt < 2_000 && p.inputs < base.count) return;
       lastInputs = p.inputs;
       lastMs = p.elapsedMs;
-      console.log(`[${target}] ${p.inputs} inputs in ${(p.elapsedMs / 1000).toFixed(1)} s: ${p.rate.toFixed(0)}/s overall, ${recent.toFixed(0)}/s lately, ${p.failures} failures`);
+      const what = target === 'socket' ? 'messages' : 'chains';
+      console.log(
+        `[${target}] ${p.inputs} inputs in ${(p.elapsedMs / 1000).toFixed(1)} s: ${p.rate.toFixed(0)}/s overall, ${recent.toFixed(0)}/s lately; ` +
+          `${((p.messages * 1000) / Math.max(p.elapsedMs, 1)).toFixed(0)} ${what}/s; ${p.failures} failures`,
+      );
     };
     const opts: RunOptions = { ...base, onProgress, signal: abort.signal, log: (l) => console.log(l) };
     const st = target === 'socket' ? await runSocket(opts) : await runRing(opts);
@@ -79,7 +83,8 @@ async function runAll(targets: readonly ('socket' | 'ring')[], base: RunOptions)
     failed += st.failures.length;
     const extra = Object.entries(st.extra).map(([k, v]) => `${k} ${v}`).join(', ');
     console.log(
-      `[${st.target}] seed ${st.seed}: ${st.inputs} inputs in ${(st.elapsedMs / 1000).toFixed(1)} s = ${st.rate.toFixed(0)} inputs/s; ` +
+      `[${st.target}] seed ${st.seed}: ${st.inputs} inputs in ${(st.elapsedMs / 1000).toFixed(1)} s = ${st.rate.toFixed(0)} inputs/s, ` +
+        `${st.messages} ${st.target === 'socket' ? 'vhost-user messages' : 'descriptor chains'} = ${((st.messages * 1000) / st.elapsedMs).toFixed(0)}/s; ` +
         `${st.target === 'socket' ? 'closed by the daemon' : 'queue failed'} ${st.closes}, ${st.target === 'socket' ? 'answered' : 'completed'} ${st.replies}; ${extra}; ${st.failures.length} failures`,
     );
     for (const f of st.failures) console.log(`  - ${describeFailure(f, st.target).split('\n')[0]}`);

@@ -1434,6 +1434,7 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
         if (tries > 50) await new Promise((r) => setTimeout(r, 1));
       }
       inputs++;
+      ticker.messages += input.manyFds ? 3 : input.steps.filter((x) => x.t === 'msg').length;
       if (d.exited()) {
         await restart('daemon died', `vhostd ${d.exitInfo} during input ${index} (or while tearing down input ${index - 1}).\n${describeInput(fz.res, input)}`, index);
         ticker.tick(inputs, failures.length);
@@ -1465,7 +1466,7 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
   }
   const elapsedMs = Date.now() - t0;
   ticker.tick(inputs, failures.length, true);
-  return { target: 'socket', seed, inputs, closes, replies, failures, elapsedMs, rate: (inputs * 1000) / elapsedMs, extra };
+  return { target: 'socket', seed, inputs, messages: ticker.messages, closes, replies, failures, elapsedMs, rate: (inputs * 1000) / elapsedMs, extra };
 }
 
 export const _test = { parseStream, matchReplies, Resources, generate, describeInput };
