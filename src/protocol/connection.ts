@@ -61,6 +61,9 @@ const MAX_QUEUED = 256;
 /** Memory slots offered with CONFIGURE_MEM_SLOTS. QEMU caps it at its own limit. */
 export const MAX_MEM_SLOTS = 32;
 
+/** A handler found the connection closed while it waited; close() has released everything. */
+class ConnectionClosed extends Error {}
+
 interface Message {
   request: number;
   flags: number;
@@ -174,7 +177,7 @@ export class Connection {
   }
 
   private fatal(e: unknown): void {
-    if (this.closed) return;
+    if (this.closed) return; // ConnectionClosed included
     const clean = e instanceof ProtocolError || e instanceof MemoryError || e instanceof RingError || e instanceof InflightError;
     if (clean) this.log.error({ reason: (e as Error).message }, 'closing connection: protocol violation');
     else this.log.error({ err: e }, 'closing connection: internal error');
@@ -182,6 +185,8 @@ export class Connection {
   }
 
   private send(request: number, payload: Uint8Array, fds: number[] = []): void {
+    // A handler that waited (for a drain) may finish after a disconnect: its fd number may be reused by now.
+    if (this.closed) return;
     const n = native.sendmsg(this.fd, encodeMessage(request, VERSION | FLAG_REPLY, payload), fds);
     if (n < 0) throw new ProtocolError(`cannot send ${requestName(request)} reply: errno ${-n}`);
   }
@@ -283,8 +288,8 @@ export class Connection {
         if (msg.fds.length !== regions.length) {
           throw new ProtocolError(`SET_MEM_TABLE: ${regions.length} regions but ${msg.fds.length} fds`);
         }
-        const fds = msg.fds.splice(0);
         await this.withRingsQuiesced(() => {
+          const fds = msg.fds.splice(0);
           this.mem.clear();
           for (let i = 0; i < regions.length; i++) {
             try {
@@ -303,13 +308,10 @@ export class Connection {
       case Req.ADD_MEM_REG: {
         this.requireProtocol(request, ProtocolFeature.CONFIGURE_MEM_SLOTS);
         expectSize(request, payload, SIZE_SINGLE_REGION);
-        const fd = this.takeFd(msg);
-        if (this.mem.regionCount >= MAX_MEM_SLOTS) {
-          native.close(fd);
-          throw new ProtocolError(`ADD_MEM_REG: all ${MAX_MEM_SLOTS} memory slots are in use`);
-        }
+        if (msg.fds.length !== 1) throw new ProtocolError(`ADD_MEM_REG: expected 1 fd, got ${msg.fds.length}`);
+        if (this.mem.regionCount >= MAX_MEM_SLOTS) throw new ProtocolError(`ADD_MEM_REG: all ${MAX_MEM_SLOTS} memory slots are in use`);
         const region = decodeSingleRegion(payload);
-        await this.withRingsQuiesced(() => void this.mem.add({ ...region, fd }));
+        await this.withRingsQuiesced(() => void this.mem.add({ ...region, fd: this.takeFd(msg) }));
         this.logMemory();
         this.ack(msg, true);
         return;
@@ -362,6 +364,7 @@ export class Connection {
         const v = this.vring(s.index, request);
         const wasStarted = v.started;
         const next = await v.stop();
+        if (this.closed) return; // close() stopped it too, and told the device
         if (wasStarted) this.device.stopQueue(v);
         this.log.debug({ queue: s.index, base: next }, 'queue stopped');
         this.send(request, encodeVringState({ index: s.index, num: next }));
@@ -375,16 +378,17 @@ export class Connection {
         const v = this.vring(u & VRING_IDX_MASK, request);
         const nofd = (u & VRING_NOFD_MASK) !== 0;
         if (nofd && msg.fds.length) throw new ProtocolError(`${requestName(request)}: fd sent with the no-fd flag`);
-        const fd = nofd ? null : this.takeFd(msg);
-        if (request === Req.SET_VRING_CALL) v.setCall(fd);
-        else if (request === Req.SET_VRING_ERR) v.setErr(fd);
+        if (!nofd && msg.fds.length !== 1) throw new ProtocolError(`${requestName(request)}: expected 1 fd, got ${msg.fds.length}`);
+        if (request === Req.SET_VRING_CALL) await v.setCall(nofd ? null : this.takeFd(msg));
+        else if (request === Req.SET_VRING_ERR) await v.setErr(nofd ? null : this.takeFd(msg));
         else {
           if (v.started) {
             // A new kick fd for a running ring: finish what is in flight first.
             await v.stop();
+            if (this.closed) return;
             this.device.stopQueue(v);
           }
-          v.setKick(fd);
+          v.setKick(nofd ? null : this.takeFd(msg));
           this.startRing(v);
         }
         this.ack(msg, true);
@@ -513,6 +517,8 @@ export class Connection {
   private async withRingsQuiesced(change: () => void): Promise<void> {
     const running = this.vrings.filter((v) => v.started);
     for (const v of running) await v.quiesce();
+    // Closed while waiting: close() released the memory; changing it now would leak the new table.
+    if (this.closed) throw new ConnectionClosed();
     try {
       change();
     } finally {
@@ -544,6 +550,7 @@ export class Connection {
     for (const v of this.vrings) {
       if (v.started) {
         await v.stop();
+        if (this.closed) throw new ConnectionClosed(); // close() finishes the teardown
         this.device.stopQueue(v);
       }
       v.reset();

@@ -64,6 +64,9 @@ export interface Place {
   avail: number;
 }
 
+let generations = 0;
+const nextGeneration = (): number => ++generations;
+
 /** Overlapping windows over `size` mapped bytes at `address` (see the top of this file). */
 function windowsOver(address: bigint, size: number): Uint8Array[] {
   const windows: Uint8Array[] = [];
@@ -76,13 +79,16 @@ function windowsOver(address: bigint, size: number): Uint8Array[] {
 
 export class GuestMemory {
   private regions: Region[] = [];
-  private generation = 0;
+  private generation = nextGeneration();
 
   get regionCount(): number {
     return this.regions.length;
   }
 
-  /** Changes whenever the table changes, so cached translations can be invalidated. */
+  /**
+   * Changes whenever the table changes, so cached translations can be
+   * invalidated; unique across instances, so a queue thread can tell tables apart.
+   */
   get version(): number {
     return this.generation;
   }
@@ -142,7 +148,7 @@ export class GuestMemory {
       const windows = windowsOver(mapAddress + BigInt(skew), size);
       const region: Region = { gpa, size, uva, mmapOffset, fd: spec.fd, skew, mapAddress, mapLength, windows, refs: 1 };
       this.regions.push(region);
-      this.generation++;
+      this.generation = nextGeneration();
       return region;
     } catch (e) {
       native.close(spec.fd);
@@ -166,7 +172,7 @@ export class GuestMemory {
       const windows = windowsOver(r.address, r.size);
       this.regions.push({ gpa: r.gpa, size: r.size, uva: r.uva, mmapOffset: r.mmapOffset, fd: -1, skew: 0, mapAddress: r.address, mapLength: 0, windows, refs: 1 });
     }
-    this.generation++;
+    this.generation = nextGeneration();
   }
 
   /** Drop a reference to the region matching gpa/size/uva (REM_MEM_REG); returns whether one was found. */
@@ -181,14 +187,14 @@ export class GuestMemory {
     if (--this.regions[i]!.refs > 0) return true;
     const [r] = this.regions.splice(i, 1);
     this.release(r!);
-    this.generation++;
+    this.generation = nextGeneration();
     return true;
   }
 
   /** Unmap everything and close every fd. Callers must have stopped all I/O into this memory. */
   clear(): void {
     for (const r of this.regions) this.release(r);
-    if (this.regions.length) this.generation++;
+    if (this.regions.length) this.generation = nextGeneration();
     this.regions = [];
   }
 

@@ -1,9 +1,8 @@
 // Entry of a queue thread (see queue-thread.ts): mirrors the daemon's guest
 // memory, runs one Vring per started queue with the device's runner, and
-// answers stops once the ring has drained and closed its fds.
+// answers a stop once the ring has drained and let go of memory and fds.
 import { parentPort, workerData } from 'node:worker_threads';
 import { pino } from 'pino';
-import { native } from '../native/index.js';
 import { GuestMemory } from './guest-memory.js';
 import type { FromThread, QueueRunner, ThreadInit, ToThread } from './queue-thread.js';
 import { Vring, type VringLogger } from './vring.js';
@@ -22,20 +21,15 @@ const post = (m: FromThread): void => port.postMessage(m);
 const fdOrNull = (fd: number): number | null => (fd < 0 ? null : fd);
 
 function start(m: Extract<ToThread, { op: 'start' }>): void {
-  try {
-    if (rings.has(m.index)) throw new Error(`queue ${m.index} is already running here`);
-    if (m.memoryVersion !== memVersion) {
-      // The daemon changes memory only with every ring stopped (and so none here).
-      if (rings.size) throw new Error(`memory table changed under running rings ${[...rings.keys()].join(', ')}`);
-      mem.mirror(m.memory);
-      memVersion = m.memoryVersion;
-    }
-  } catch (e) {
-    // The fds are ours: nothing else will close them.
-    for (const fd of [m.kick, m.call, m.err]) if (fd >= 0) native.close(fd);
-    throw e;
+  if (rings.has(m.index)) throw new Error(`queue ${m.index} is already running here`);
+  if (m.memoryVersion !== memVersion) {
+    // The daemon changes memory only with every ring stopped (and so none here).
+    if (rings.size) throw new Error(`memory table changed under running rings ${[...rings.keys()].join(', ')}`);
+    mem.mirror(m.memory);
+    memVersion = m.memoryVersion;
   }
-  const v = new Vring(m.index, mem, log.child(m.logBindings));
+  // The fds are the daemon's: this Vring uses them and never closes them.
+  const v = new Vring(m.index, mem, log.child(m.logBindings), true);
   v.size = m.size;
   v.base = m.base;
   v.addrs = m.addrs;
@@ -48,19 +42,25 @@ function start(m: Extract<ToThread, { op: 'start' }>): void {
   v.start(m.features, { startQueue: (q) => runner.start(q, m.setup) }, m.fresh);
 }
 
-async function stop(index: number): Promise<void> {
+async function stop(index: number, seq: number): Promise<void> {
   const v = rings.get(index);
-  if (!v) return post({ op: 'stopped', index, base: undefined, report: undefined });
-  const base = await v.stop();
-  const report = runner.stop(v);
-  v.reset();
-  rings.delete(index);
-  // Nothing of guest memory may stay visible here once no ring runs: the daemon may unmap it next.
-  if (!rings.size) {
-    mem.clear();
-    memVersion = -1;
+  let base: number | undefined;
+  let report: unknown;
+  try {
+    if (v) {
+      base = await v.stop();
+      report = runner.stop(v);
+    }
+  } finally {
+    v?.reset();
+    rings.delete(index);
+    // Nothing of guest memory may stay visible here once no ring runs: the daemon may unmap it next.
+    if (!rings.size) {
+      mem.clear();
+      memVersion = -1;
+    }
+    post({ op: 'stopped', index, seq, base, report });
   }
-  post({ op: 'stopped', index, base, report });
 }
 
 async function handle(m: ToThread): Promise<void> {
@@ -69,16 +69,16 @@ async function handle(m: ToThread): Promise<void> {
     case 'start':
       return start(m);
     case 'stop':
-      return stop(m.index);
+      return stop(m.index, m.seq);
     case 'enable':
       v?.setEnabled(m.on);
       return;
     case 'call':
     case 'err':
-      if (!v) {
-        if (m.fd >= 0) native.close(m.fd);
-      } else if (m.op === 'call') v.setCall(fdOrNull(m.fd));
-      else v.setErr(fdOrNull(m.fd));
+      // From now on the ring writes the new fd; the daemon closes the old one after this answer.
+      if (m.op === 'call') v?.setCall(fdOrNull(m.fd));
+      else v?.setErr(fdOrNull(m.fd));
+      post({ op: 'done', index: m.index, seq: m.seq });
       return;
     case 'fail':
       v?.fail(m.reason);
@@ -92,6 +92,5 @@ port.on('message', (m: ToThread) => {
     const v = rings.get(m.index);
     if (v) v.fail(`internal error: ${(e as Error).message}`);
     else post({ op: 'failed', index: m.index, reason: `internal error: ${(e as Error).message}` });
-    if (m.op === 'stop') post({ op: 'stopped', index: m.index, base: undefined, report: undefined });
   });
 });

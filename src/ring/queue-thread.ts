@@ -2,13 +2,14 @@
 // device's queues (net queue pairs) are serviced in parallel.
 //
 // The daemon's thread keeps the protocol, the mapping of guest memory and
-// every fd the front-end sent. A queue thread gets, per ring start: views of
-// that mapping (never a mapping of its own), dups of the kick/call/err fds
-// (its own to close), the ring's configuration and the device's setup for it.
-// It runs an ordinary Vring against them, with the data path a device module
-// provides (see QueueRunner). GET_VRING_BASE, memory changes and resets stop
-// the thread's ring and wait for its drain before anything it can see is
-// unmapped or closed.
+// every fd the front-end sent; it alone closes them. A queue thread gets, per
+// ring start: views of that mapping (never a mapping of its own), the numbers
+// of the kick/call/err fds (borrowed), the ring's configuration and the
+// device's setup for it. It runs an ordinary Vring against them with the data
+// path a device module provides (see QueueRunner). Anything the thread can see
+// is unmapped or closed only after the thread has said it let go of it: a stop
+// (GET_VRING_BASE, memory changes, resets, disconnects) waits for the thread's
+// ring to drain, and a call/err fd swap waits for the thread to switch.
 import { Worker } from 'node:worker_threads';
 import { native } from '../native/index.js';
 import type { GuestMemory, SharedRegion } from './guest-memory.js';
@@ -18,7 +19,7 @@ import type { QueueOwner, Virtqueue, VringHandler, VringLogger, Vring } from './
 
 /**
  * A device's data path as a queue thread runs it. The device names a module
- * whose `createRunner()` returns one; the thread calls it once.
+ * whose `createRunner(log)` returns one; the thread calls it once.
  */
 export interface QueueRunner {
   /** A queue starts on this thread: return who handles its kicks. `setup` is the device's queueSetup(). */
@@ -28,7 +29,7 @@ export interface QueueRunner {
 }
 
 export interface QueueThreadOptions {
-  /** Module (a file URL) exporting `createRunner(): QueueRunner`. */
+  /** Module (a file URL) exporting `createRunner(log): QueueRunner`. */
   runner: URL;
   /** For the thread's own log lines. */
   logLevel: string;
@@ -36,7 +37,7 @@ export interface QueueThreadOptions {
   name: string;
 }
 
-/** Daemon to thread. */
+/** Daemon to thread. `seq` asks for an answer carrying it. */
 export type ToThread =
   | {
       op: 'start';
@@ -46,6 +47,7 @@ export type ToThread =
       addrs: RingAddresses;
       features: RingFeatures;
       enabled: boolean;
+      /** The daemon's fds, -1 for none: the thread uses them and never closes them. */
       kick: number;
       call: number;
       err: number;
@@ -56,14 +58,15 @@ export type ToThread =
       fresh: boolean;
       logBindings: Record<string, unknown>;
     }
-  | { op: 'stop'; index: number }
+  | { op: 'stop'; index: number; seq: number }
+  | { op: 'call' | 'err'; index: number; fd: number; seq: number }
   | { op: 'enable'; index: number; on: boolean }
-  | { op: 'call' | 'err'; index: number; fd: number }
   | { op: 'fail'; index: number; reason: string };
 
 /** Thread to daemon. */
 export type FromThread =
-  | { op: 'stopped'; index: number; base: number | undefined; report: unknown }
+  | { op: 'stopped'; index: number; seq: number; base: number | undefined; report: unknown }
+  | { op: 'done'; index: number; seq: number }
   | { op: 'failed'; index: number; reason: string };
 
 export interface ThreadInit {
@@ -72,18 +75,22 @@ export interface ThreadInit {
   name: string;
 }
 
+type Answer = Extract<FromThread, { seq: number }>;
+
 /**
  * One worker thread and the queues it runs. The worker starts with the first
- * ring and lives until close(); a worker that dies fails its queues and is
- * replaced at the next start.
+ * ring and lives until close(); a worker that dies fails its queues, answers
+ * what they were waiting for, and is replaced at the next start.
  */
 export class QueueThread {
   private worker: Worker | undefined;
   private readonly queues = new Map<number, RemoteVring>();
+  private readonly pending = new Map<number, { index: number; resolve: (a: Answer | undefined) => void }>();
+  private seq = 0;
 
   constructor(private readonly opts: QueueThreadOptions) {}
 
-  /** Register the daemon-side half of queue `index`. */
+  /** Register the daemon-side half of queue `index` (replacing an earlier connection's). */
   attach(q: RemoteVring): void {
     this.queues.set(q.index, q);
   }
@@ -93,14 +100,23 @@ export class QueueThread {
     this.updateRef();
   }
 
+  /** Post and wait for the answer; undefined if the worker died first. */
+  request(msg: { op: 'stop'; index: number } | { op: 'call' | 'err'; index: number; fd: number }): Promise<Answer | undefined> {
+    const seq = ++this.seq;
+    return new Promise((resolve) => {
+      this.pending.set(seq, { index: msg.index, resolve });
+      this.post({ ...msg, seq } as ToThread);
+    });
+  }
+
   /**
    * An idle worker must not keep the daemon alive, but a busy one must: the
    * daemon may be waiting for nothing but its answer.
    */
-  updateRef(): void {
+  private updateRef(): void {
     const w = this.worker;
     if (!w) return;
-    let busy = false;
+    let busy = this.pending.size > 0;
     for (const q of this.queues.values()) busy ||= q.busy;
     if (busy) w.ref();
     else w.unref();
@@ -111,7 +127,9 @@ export class QueueThread {
     const init: ThreadInit = { runner: this.opts.runner.href, logLevel: this.opts.logLevel, name: this.opts.name };
     const w = new Worker(new URL('./queue-thread-worker.js', import.meta.url), { workerData: init, name: this.opts.name });
     w.on('message', (m: FromThread) => {
-      this.queues.get(m.index)?.fromThread(m);
+      if (this.worker !== w) return; // a dead worker's last words
+      if (m.op === 'failed') this.queues.get(m.index)?.threadFailed(m.reason);
+      else this.answer(m.seq, m);
       this.updateRef();
     });
     w.on('error', (e) => this.died(w, e));
@@ -120,10 +138,18 @@ export class QueueThread {
     return w;
   }
 
+  private answer(seq: number, a: Answer | undefined): void {
+    const p = this.pending.get(seq);
+    this.pending.delete(seq);
+    p?.resolve(a);
+  }
+
   private died(w: Worker, e: Error): void {
     if (this.worker !== w) return;
     this.worker = undefined;
-    for (const q of this.queues.values()) q.threadDied(`queue thread ${this.opts.name} died: ${e.message}`);
+    const reason = `queue thread ${this.opts.name} died: ${e.message}`;
+    for (const q of this.queues.values()) q.threadDied(reason);
+    for (const seq of [...this.pending.keys()]) this.answer(seq, undefined);
   }
 
   async close(): Promise<void> {
@@ -135,8 +161,8 @@ export class QueueThread {
 
 /**
  * The daemon-side half of a queue that runs on a QueueThread: it holds the
- * configuration and the front-end's fds, and turns the lifecycle into
- * messages. Mirrors Vring's rules exactly (see there).
+ * configuration and owns the front-end's fds, and turns the lifecycle into
+ * messages. Mirrors Vring's rules (see there).
  */
 export class RemoteVring implements Virtqueue {
   size = 0;
@@ -157,7 +183,8 @@ export class RemoteVring implements Virtqueue {
   private isStarted = false;
   /** The ring runs on the thread (started, not quiesced, not failed at start). */
   private running = false;
-  private stopWaiter: ((base: number) => void) | undefined;
+  /** A stop on its way: whoever else needs the ring stopped waits for the same one. */
+  private halting: Promise<void> | undefined;
 
   constructor(
     readonly index: number,
@@ -172,9 +199,9 @@ export class RemoteVring implements Virtqueue {
     return this.isStarted;
   }
 
-  /** Running on the thread, or waiting for it to stop. */
+  /** Running on the thread, or being stopped there. */
   get busy(): boolean {
-    return this.running || this.stopWaiter !== undefined;
+    return this.running || this.halting !== undefined;
   }
 
   get configured(): boolean {
@@ -187,59 +214,43 @@ export class RemoteVring implements Virtqueue {
   }
 
   setKick(fd: number | null): void {
+    // Only ever called with the ring stopped: the thread holds no kick fd now.
     if (this.kickFd >= 0) native.close(this.kickFd);
     this.kickFd = fd ?? -1;
     this.kickReady = true;
   }
 
-  setCall(fd: number | null): void {
-    this.replaceFd('call', fd);
+  setCall(fd: number | null): Promise<void> {
+    return this.replaceFd('call', fd);
   }
 
-  setErr(fd: number | null): void {
-    this.replaceFd('err', fd);
+  setErr(fd: number | null): Promise<void> {
+    return this.replaceFd('err', fd);
   }
 
-  /** Keep the new fd; a running ring gets its own dup (it closes the old one). */
-  private replaceFd(which: 'call' | 'err', fd: number | null): void {
+  /** A running ring switches first; the old fd is closed once the thread no longer writes it. */
+  private async replaceFd(which: 'call' | 'err', fd: number | null): Promise<void> {
     const old = which === 'call' ? this.callFd : this.errFd;
-    if (old >= 0) native.close(old);
     if (which === 'call') this.callFd = fd ?? -1;
     else this.errFd = fd ?? -1;
-    if (!this.running) return;
-    let copy: number;
-    try {
-      [copy] = dupAll([fd ?? -1]) as [number];
-    } catch (e) {
-      this.fail((e as Error).message);
-      return;
-    }
-    this.thread.post({ op: which, index: this.index, fd: copy });
+    if (this.running) await this.thread.request({ op: which, index: this.index, fd: fd ?? -1 });
+    if (old >= 0) native.close(old);
   }
 
   start(features: RingFeatures, owner: QueueOwner): void {
     if (!owner.queueSetup) throw new Error(`queue ${this.index} runs on a thread, but its device has no queueSetup()`);
+    this.isStarted = true;
+    this.failed = undefined;
     if (this.inflightRecord) {
-      this.isStarted = true;
       this.fail('INFLIGHT_SHMFD is not supported for queues on threads');
       return;
     }
     this.features = features;
     this.setup = owner.queueSetup(this.index);
-    this.failed = undefined;
-    this.isStarted = true;
     this.launch(true);
   }
 
   private launch(fresh: boolean): void {
-    let fds: number[];
-    try {
-      fds = dupAll([this.kickFd, this.callFd, this.errFd]);
-    } catch (e) {
-      this.fail((e as Error).message);
-      return;
-    }
-    const [kick, call, err] = fds as [number, number, number];
     this.running = true;
     this.thread.post({
       op: 'start',
@@ -249,9 +260,9 @@ export class RemoteVring implements Virtqueue {
       addrs: this.addrs!,
       features: this.features!,
       enabled: this.enabled,
-      kick,
-      call,
-      err,
+      kick: this.kickFd,
+      call: this.callFd,
+      err: this.errFd,
       memory: this.mem.shared(),
       memoryVersion: this.mem.version,
       setup: this.setup,
@@ -260,14 +271,29 @@ export class RemoteVring implements Virtqueue {
     });
   }
 
-  /** The thread drains its ring and closes its fds; the next avail index comes back. */
-  private async halt(): Promise<void> {
-    if (!this.running) return;
+  /** The thread drains its ring and lets go of everything; the next avail index comes back. */
+  private halt(): Promise<void> {
+    if (this.halting) return this.halting;
+    if (!this.running) return Promise.resolve();
     this.running = false;
-    this.base = await new Promise<number>((resolve) => {
-      this.stopWaiter = resolve;
-      this.thread.post({ op: 'stop', index: this.index });
-    });
+    this.halting = (async () => {
+      const a = await this.thread.request({ op: 'stop', index: this.index });
+      if (a?.op === 'stopped') {
+        if (a.base !== undefined) this.base = a.base;
+        this.report = a.report;
+      } else {
+        // The thread died with the ring: what the guest saw completed is all that is known.
+        this.base = this.usedIndex() ?? this.base;
+      }
+      this.halting = undefined;
+    })();
+    return this.halting;
+  }
+
+  /** used->idx as the guest sees it, if the ring is still in guest memory. */
+  private usedIndex(): number | undefined {
+    const p = this.addrs && this.mem.smallByUva(this.addrs.used, 4);
+    return p ? p.bytes[p.offset + 2]! | (p.bytes[p.offset + 3]! << 8) : undefined;
   }
 
   async quiesce(): Promise<void> {
@@ -288,7 +314,7 @@ export class RemoteVring implements Virtqueue {
   fail(reason: string): void {
     if (this.failed) return;
     if (this.running) {
-      // The thread's ring logs it and signals its err fd, then reports back.
+      // The thread's ring logs it and signals the err fd, then reports back.
       this.thread.post({ op: 'fail', index: this.index, reason });
       return;
     }
@@ -297,29 +323,20 @@ export class RemoteVring implements Virtqueue {
     if (this.errFd >= 0) native.write(this.errFd, new BigUint64Array([1n]));
   }
 
-  fromThread(m: FromThread): void {
-    if (m.op === 'failed') {
-      this.failed ??= m.reason;
-    } else if (m.op === 'stopped') {
-      this.report = m.report;
-      const w = this.stopWaiter;
-      this.stopWaiter = undefined;
-      w?.(m.base ?? this.base);
-    }
+  /** The thread's ring failed (and logged it). */
+  threadFailed(reason: string): void {
+    if (this.isStarted) this.failed ??= reason;
   }
 
   /** The worker is gone, and whatever its ring held with it. */
   threadDied(reason: string): void {
-    if (!this.running && !this.stopWaiter) return;
-    this.log.error({ queue: this.index, reason }, 'queue thread died');
+    if (!this.running && !this.halting) return;
     this.running = false;
-    this.failed ??= reason;
-    const w = this.stopWaiter;
-    this.stopWaiter = undefined;
-    w?.(this.base);
+    this.fail(reason);
   }
 
   reset(): void {
+    // Only ever called with the ring stopped: the thread holds none of these now.
     for (const fd of [this.kickFd, this.callFd, this.errFd]) if (fd >= 0) native.close(fd);
     this.kickFd = this.callFd = this.errFd = -1;
     this.kickReady = false;
@@ -332,18 +349,4 @@ export class RemoteVring implements Virtqueue {
     this.isStarted = false;
     this.running = false;
   }
-}
-
-/** Dups for the thread to own (-1 stays -1); all or none. */
-function dupAll(fds: number[]): number[] {
-  const out: number[] = [];
-  for (const fd of fds) {
-    const d = fd < 0 ? -1 : native.dup(fd);
-    if (fd >= 0 && d < 0) {
-      for (const o of out) if (o >= 0) native.close(o);
-      throw new Error(`cannot hand the queue's fds to its thread: dup failed with errno ${-d}`);
-    }
-    out.push(d);
-  }
-  return out;
 }

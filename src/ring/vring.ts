@@ -47,8 +47,9 @@ export interface Virtqueue {
   readonly configured: boolean;
   setEnabled(on: boolean): void;
   setKick(fd: number | null): void;
-  setCall(fd: number | null): void;
-  setErr(fd: number | null): void;
+  /** A new call fd; once this settles, no signal goes to the old one. */
+  setCall(fd: number | null): void | Promise<void>;
+  setErr(fd: number | null): void | Promise<void>;
   /** Start on its kick; a ring that cannot start fails (the queue, not the caller). */
   start(features: RingFeatures, owner: QueueOwner): void;
   /** GET_VRING_BASE: drain, go silent, resolve to the next avail index. */
@@ -118,12 +119,21 @@ export class Vring implements Virtqueue {
   private stopping = false;
   private readonly scratch = new BigUint64Array(1);
 
+  /**
+   * @param borrowedFds the kick/call/err fds belong to someone else (a queue
+   *   thread's Vring uses the daemon's): never close them.
+   */
   constructor(
     index: number,
     private readonly mem: GuestMemory,
     private readonly log: VringLogger,
+    private readonly borrowedFds = false,
   ) {
     this.index = index;
+  }
+
+  private release(fd: number): void {
+    if (fd >= 0 && !this.borrowedFds) native.close(fd);
   }
 
   get started(): boolean {
@@ -151,12 +161,12 @@ export class Vring implements Virtqueue {
   }
 
   setCall(fd: number | null): void {
-    if (this.callFd >= 0) native.close(this.callFd);
+    this.release(this.callFd);
     this.callFd = fd ?? -1;
   }
 
   setErr(fd: number | null): void {
-    if (this.errFd >= 0) native.close(this.errFd);
+    this.release(this.errFd);
     this.errFd = fd ?? -1;
   }
 
@@ -413,7 +423,7 @@ export class Vring implements Virtqueue {
 
   private closeKick(): void {
     this.stopWatching();
-    if (this.kickFd >= 0) native.close(this.kickFd);
+    this.release(this.kickFd);
     this.kickFd = -1;
     this.kickReady = false;
   }

@@ -9,12 +9,12 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { netTotals, startVhostdNet, type Backend } from '../e2e/daemons.js';
 import { fdCount, fdTargets, memfdMaps } from './inflight-helpers.js';
 import { Rng } from '../fuzz/prng.js';
-import { native } from '../../src/native/index.js';
+import { native, EFD_CLOEXEC, EFD_NONBLOCK } from '../../src/native/index.js';
 import { Netns } from '../e2e/netns.js';
 import { FrontEnd } from '../driver/frontend.js';
 import { GuestMemory, MiB } from '../driver/guest.js';
 import { SplitQueue } from '../driver/virtqueue.js';
-import { bit, PF, VF } from '../driver/wire.js';
+import { bit, PF, Req, VERSION, VF, vringState } from '../driver/wire.js';
 
 const TAP = 'vtnp0';
 const HDR = 12; // VERSION_1 header, num_buffers included
@@ -336,6 +336,75 @@ print(s.recv(2048).hex(), flush=True)
     if (tx.outstanding) await tx.waitUsed(tx.outstanding, 5_000);
     await expectSent();
     expect(fdCount(pid)).toBeGreaterThan(0);
+    expect(daemon.output()).not.toMatch(/internal error|queue thread died/);
+  });
+
+  it('an RX buffer the device cannot write fails the queue, and GET_VRING_BASE still answers', async () => {
+    const err = native.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    try {
+      await fe.setVringErr(0, err);
+      const ok = mem.alloc(2048);
+      rx.submit([{ gpa: ok, len: 2048, write: true }]);
+      rx.submit([{ gpa: mem.alloc(64), len: 64, write: false }, { gpa: mem.alloc(2048), len: 2048, write: true }]);
+      rx.kick();
+      inject(1);
+      const counter = new BigUint64Array(1);
+      for (let i = 0; i < 400 && native.read(err, counter) !== 8; i++) await new Promise((r) => setTimeout(r, 5));
+      expect(counter[0]).toBe(1n);
+      // The packet went into the good buffer; the bad chain was handed back, and the stop does not wait for it.
+      expect(Buffer.from(mem.read(ok + HDR, FRAME.length)).equals(Buffer.from(FRAME))).toBe(true);
+      expect(await fe.getVringBase(0, 2_000)).toBe(1);
+      expect(await fe.getVringBase(1, 2_000)).toBe(0);
+      expect(daemon.output()).toMatch(/unusable rx buffer/);
+    } finally {
+      native.close(err);
+    }
+  });
+
+  it('a front-end that hangs up while its rings are being stopped leaves nothing behind', async () => {
+    const pid = daemon.pid;
+    const cycle = async (): Promise<void> => {
+      for (let i = 0; i < 8; i++) sendFrame();
+      tx.kick();
+      // The stop order, then gone before any answer.
+      fe.send(Req.SET_VRING_ENABLE, VERSION, vringState(1, 0));
+      fe.send(Req.GET_VRING_BASE, VERSION, vringState(1, 0));
+      fe.send(Req.GET_VRING_BASE, VERSION, vringState(0, 0));
+      fe.close();
+      rx.destroy();
+      tx.destroy();
+      mem.destroy();
+    };
+    const reopen = async (): Promise<void> => {
+      for (let i = 0; ; i++) {
+        try {
+          return await open();
+        } catch (e) {
+          fe.close();
+          mem.destroy();
+          if (i === 100) throw e;
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      }
+    };
+    await cycle();
+    await reopen();
+    await cycle();
+    await new Promise((r) => setTimeout(r, 300));
+    const fds = fdCount(pid);
+    for (let i = 0; i < 30; i++) {
+      await reopen();
+      await cycle();
+    }
+    for (let i = 0; i < 200 && (fdCount(pid) !== fds || memfdMaps(pid).some((l) => l.includes('vhostd-test-guest-'))); i++) {
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    expect(fdCount(pid)).toBe(fds);
+    expect(memfdMaps(pid).filter((l) => l.includes('vhostd-test-guest-'))).toEqual([]);
+    await reopen();
+    sendFrame();
+    tx.kick();
+    await tx.waitUsed(1);
     expect(daemon.output()).not.toMatch(/internal error|queue thread died/);
   });
 });

@@ -123,7 +123,7 @@ export class QueuePair {
     } catch (e) {
       this.log.error({ pair: this.index, err: e }, 'internal error while moving packets');
       for (const q of [this.rx, this.tx]) q?.fail(`internal error: ${(e as Error).message}`);
-      this.update();
+      this.close(); // both queues failed: nothing to watch the tap for
     }
   }
 
@@ -191,8 +191,9 @@ export class QueuePair {
         const c = new Chain();
         if (!q.pop(c)) break;
         if (c.writableBytes < hdrLen || c.readableBytes) {
-          // Only a broken driver posts these; other chains may be gathered, so the queue stops.
-          q.unpop(chains.length);
+          // Only a broken driver posts these; give back everything taken (this one too, or a stop
+          // would wait for it forever) and stop the queue.
+          q.unpop(chains.length + 1);
           q.fail(`unusable rx buffer: ${c.writableBytes} writable, ${c.readableBytes} readable bytes`);
           return this.update();
         }
