@@ -119,6 +119,7 @@ interface NetArgs {
   tap: string;
   persist: boolean;
   numQueues: number;
+  threads: number | undefined;
   mtu: number | undefined;
   logLevel: string;
 }
@@ -141,8 +142,8 @@ async function runNet(args: NetArgs): Promise<number> {
       throw new UsageError((e as Error).message);
     }
   }
-  log.info({ tap: tap.name, created: tap.created, persist: args.persist, queuePairs: args.numQueues }, 'tap opened');
-  const device = new NetDevice({ tap, queuePairs: args.numQueues, mtu: args.mtu, logLevel: args.logLevel }, log);
+  log.info({ tap: tap.name, created: tap.created, persist: args.persist, queuePairs: args.numQueues, threads: args.threads ?? args.numQueues }, 'tap opened');
+  const device = new NetDevice({ tap, queuePairs: args.numQueues, threads: args.threads, mtu: args.mtu, logLevel: args.logLevel }, log);
   return serve(device, args.socket, args.client, log, qemuNetCommandLine(args.socket, args.numQueues, args.mtu), async () => {
     log.info({ stats: device.stats }, 'traffic totals');
     await device.close();
@@ -208,11 +209,15 @@ export async function main(argv: string[]): Promise<number> {
             .option('tap', { type: 'string', default: DEFAULT_TAP, describe: 'Tap interface: attached if it exists, else created (and brought up)' })
             .option('persist', { type: 'boolean', default: false, describe: 'Keep a tap that vhostd created after it exits' })
             .option('num-queues', { type: 'number', default: 1, describe: 'Queue pairs (1..16); more than one opens the tap multi-queue' })
+            .option('threads', { type: 'number', describe: 'Threads the queue pairs are spread over (default: one per pair); 0 runs them on the main thread' })
             .option('mtu', { type: 'number', describe: 'Offer VIRTIO_NET_F_MTU with this maximum (68..65535); QEMU needs host_mtu=' })
             .option('log-level', { type: 'string', default: 'info', choices: LEVELS, describe: 'pino log level' })
             .example('$0 net --socket /run/vhostd/net0.sock --tap tap0 --num-queues 2', '')
             .check((a) => {
               positiveInt('num-queues', a['num-queues'], 16);
+              if (a.threads !== undefined && (!Number.isInteger(a.threads) || a.threads < 0 || a.threads > a['num-queues'])) {
+                throw new UsageError(`--threads must be an integer in 0..${a['num-queues']} (the number of queue pairs)`);
+              }
               if (a.mtu !== undefined && (!Number.isInteger(a.mtu) || a.mtu < 68 || a.mtu > 65535)) {
                 throw new UsageError('--mtu must be an integer in 68..65535');
               }
@@ -225,6 +230,7 @@ export async function main(argv: string[]): Promise<number> {
             tap: a.tap,
             persist: a.persist,
             numQueues: a['num-queues'],
+            threads: a.threads,
             mtu: a.mtu,
             logLevel: a['log-level'],
           });

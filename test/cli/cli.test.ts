@@ -38,6 +38,8 @@ describe('vhostd CLI', () => {
     [['blk', '--logical-block-size', '1024'], /--logical-block-size must be 512 or 4096/],
     [['blk', '--serial', 'x'.repeat(21)], /--serial must be at most 20 bytes/],
     [['blk', '--bogus'], /Unknown argument: bogus/],
+    [['net', '--num-queues', '2', '--threads', '3'], /--threads must be an integer in 0\.\.2/],
+    [['net', '--threads', '-1'], /--threads must be an integer in 0\.\.1/],
     [['frobnicate'], /Unknown arguments?: .*frobnicate/],
     [[], /name a device/],
   ])('rejects %j with one clear line and exit 2', (args, re) => {

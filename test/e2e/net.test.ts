@@ -149,10 +149,16 @@ ping -c 2 -W 3 -s 8000 ${HOST_IP} > /dev/null; echo "@@PING8000=$?"
   );
 });
 
-run('vhostd net with two queue pairs', () => {
+// Two pairs on two threads (the default), and both on one thread.
+const MQ_LAYOUTS: [string, string[], Set<string>][] = [
+  ['one thread each', [], new Set(['0@net-thread-0', '1@net-thread-1'])],
+  ['sharing one thread', ['--threads', '1'], new Set(['0@net-thread-0', '1@net-thread-0'])],
+];
+
+run.each(MQ_LAYOUTS)('vhostd net with two queue pairs, %s', (_name, threadArgs, layout) => {
   let r: Rig | undefined;
   beforeAll(async () => {
-    r = await rig('mq', ['--num-queues', '2']);
+    r = await rig('mq', ['--num-queues', '2', ...threadArgs]);
   });
   afterAll(async () => teardown(r));
 
@@ -195,9 +201,9 @@ for i in 0 1 2 3; do echo "@@RECV$i=$(md5sum /tmp/r$i | cut -d' ' -f1)"; done
         expect(t.txPackets).toBeGreaterThan(0);
         expect(t.rxPackets).toBeGreaterThan(0);
       }
-      // Each pair ran on a thread of its own.
+      // Each pair ran on the thread the layout gives it.
       const stops = r!.daemon.output().split('\n').filter((l) => l.includes('"msg":"queue pair stopped"')).map((l) => JSON.parse(l) as { thread: string; pair: number });
-      expect(new Set(stops.map((l) => `${l.pair}@${l.thread}`))).toEqual(new Set(['0@net-pair-0', '1@net-pair-1']));
+      expect(new Set(stops.map((l) => `${l.pair}@${l.thread}`))).toEqual(layout);
     },
     GUEST_TIMEOUT + 60_000,
   );

@@ -23,7 +23,11 @@ const FRAME = Uint8Array.from([
   ...Array.from({ length: 46 }, (_, i) => i),
 ]);
 
-describe('vhostd net through the protocol driver', () => {
+// Both ways to run a pair: on a queue thread (the default), and on the daemon's own thread.
+describe.each([
+  ['on a queue thread', []],
+  ['on the main thread', ['--threads', '0']],
+])('vhostd net through the protocol driver, pair %s', (_mode, threadArgs: string[]) => {
   let ns: Netns;
   let dir: string;
   let daemon: Backend;
@@ -57,7 +61,7 @@ describe('vhostd net through the protocol driver', () => {
     ns = new Netns('np');
     ns.sh('sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1');
     dir = await mkdtemp(join(tmpdir(), 'vhostd-netproto-'));
-    daemon = await startVhostdNet(ns.name, ['--tap', TAP], join(dir, 'net.sock'));
+    daemon = await startVhostdNet(ns.name, ['--tap', TAP, ...threadArgs], join(dir, 'net.sock'));
     await open();
   });
 

@@ -1,6 +1,6 @@
 // virtio-net over a tap: feature negotiation, the tap's vnet header and
 // offloads, MTU and RARP. Queue pair i (rx 2i, tx 2i+1) moves packets through
-// tap queue i on a queue thread of its own (see queue-pair.ts).
+// tap queue i (queue-pair.ts), on a queue thread of its own by default.
 import type { Device } from '../../device.js';
 import {
   VIRTIO_F_ANY_LAYOUT,
@@ -10,9 +10,9 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC,
 } from '../../device.js';
 import { native } from '../../native/index.js';
-import { QueueThread, RemoteVring } from '../../ring/queue-thread.js';
-import type { Virtqueue, VringHandler } from '../../ring/vring.js';
-import { noStats, type NetStats, type PairSetup } from './queue-pair.js';
+import { QueueThread, RemoteVring, type QueueRunner } from '../../ring/queue-thread.js';
+import type { Virtqueue, Vring, VringHandler } from '../../ring/vring.js';
+import { createRunner, noStats, type NetStats, type PairSetup } from './queue-pair.js';
 import { Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO } from './tap.js';
 
 export type { NetStats } from './queue-pair.js';
@@ -42,6 +42,8 @@ export interface NetOptions {
   queuePairs: number;
   /** Offer VIRTIO_NET_F_MTU with this maximum; undefined: not offered. */
   mtu?: number;
+  /** Queue threads the pairs are spread over (default: one per pair); 0 runs them on the daemon's thread. */
+  threads?: number;
   /** Log level of the queue threads' own lines. */
   logLevel?: string;
 }
@@ -67,6 +69,8 @@ export class NetDevice implements Device {
   private mergeable = false;
   private bigRx = false;
   private readonly threads: QueueThread[];
+  /** Runs the pairs when there are no queue threads. */
+  private readonly local: QueueRunner;
   /** Each pair's counters, as its thread last reported them. */
   private readonly pairStats: NetStats[];
 
@@ -90,7 +94,9 @@ export class NetDevice implements Device {
     this.features = f;
     this.protocolFeatures = bit(PROTOCOL_F_RARP) | (opts.mtu ? bit(PROTOCOL_F_MTU) : 0n);
     const runner = new URL('./queue-pair.js', import.meta.url);
-    this.threads = opts.tap.fds.map((_, i) => new QueueThread({ runner, logLevel: opts.logLevel ?? 'info', name: `net-pair-${i}` }));
+    const threads = opts.threads ?? opts.queuePairs;
+    this.threads = Array.from({ length: threads }, (_, i) => new QueueThread({ runner, logLevel: opts.logLevel ?? 'info', name: `net-thread-${i}` }));
+    this.local = createRunner(log);
     this.pairStats = opts.tap.fds.map(() => noStats());
   }
 
@@ -157,8 +163,9 @@ export class NetDevice implements Device {
     else this.log.info({ mac: hex }, 'RARP announcement sent');
   }
 
-  queueThread(index: number): QueueThread {
-    return this.threads[index >> 1]!;
+  /** Pairs are spread over the queue threads round-robin; with none, they run here. */
+  queueThread(index: number): QueueThread | undefined {
+    return this.threads.length ? this.threads[(index >> 1) % this.threads.length] : undefined;
   }
 
   queueSetup(index: number): PairSetup {
@@ -166,12 +173,14 @@ export class NetDevice implements Device {
     return { pair, tapFd: this.tap.fds[pair]!, hdrLen: this.hdrLen, mergeable: this.mergeable, bigRx: this.bigRx, mtu: this.mtu };
   }
 
-  startQueue(): VringHandler {
-    throw new Error('virtio-net queues run on queue threads (queueSetup)');
+  /** A pair on the daemon's thread (--threads 0): the same runner a queue thread uses. */
+  startQueue(q: Vring): VringHandler {
+    return this.local.start(q, this.queueSetup(q.index));
   }
 
   stopQueue(q: Virtqueue): void {
-    if (q instanceof RemoteVring && q.report) this.pairStats[q.index >> 1] = q.report as NetStats;
+    const report = q instanceof RemoteVring ? q.report : this.local.stop(q as Vring);
+    if (report) this.pairStats[q.index >> 1] = report as NetStats;
   }
 
   reset(): void {
