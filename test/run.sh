@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d node_modules ] || npm ci
 npm run --silent build
+# Tests run untyped under vitest; check the whole tree, tests included, here.
+npm run --silent typecheck
 bash test/guest/provision.sh
 results=.vitest-results.json
 rm -f "$results"

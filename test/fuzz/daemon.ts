@@ -3,16 +3,13 @@
 // inputs), its output scanned line by line for crashes, and its fds and
 // memfd mappings read from /proc for leak checks.
 //
-// Spawning follows test/protocol/backends.ts: the same binary (VHOSTD_BIN),
-// a private temp dir for socket and image, and a record in the same orphan
-// registry, so a test worker that dies without cleaning up has its daemon
-// reaped by the next run (ours or the protocol suite's).
+// Spawning follows test/protocol/backends.ts: the same binary, a private temp
+// dir for socket and image, and a record in test/support/children.ts's orphan
+// registry.
 import { spawn, type ChildProcess } from 'node:child_process';
 import {
   closeSync,
-  existsSync,
   lstatSync,
-  mkdirSync,
   mkdtempSync,
   openSync,
   readdirSync,
@@ -20,17 +17,12 @@ import {
   readlinkSync,
   readSync,
   rmSync,
-  statSync,
-  writeFileSync,
   writeSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { VHOSTD_BIN } from '../protocol/backends.js';
+import { checkBuilt, forget, reapOrphans, remember, VHOSTD_BIN } from '../support/children.js';
 
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
-const REGISTRY = join(tmpdir(), 'vhostd-proto-registry');
 
 export interface DaemonOptions {
   numQueues?: number;
@@ -142,61 +134,6 @@ export interface FdSnapshot {
   targets: Map<string, number>;
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/** Same orphan reaping as backends.ts: daemons whose owning test process is gone. */
-function reapOrphans(): void {
-  let names: string[];
-  try {
-    names = readdirSync(REGISTRY);
-  } catch {
-    return;
-  }
-  for (const n of names) {
-    const file = join(REGISTRY, n);
-    let r: { pid: number; owner: number; dir: string };
-    try {
-      r = JSON.parse(readFileSync(file, 'utf8')) as typeof r;
-    } catch {
-      continue;
-    }
-    if (alive(r.owner)) continue;
-    try {
-      if (readFileSync(`/proc/${r.pid}/cmdline`, 'utf8').includes(r.dir)) process.kill(r.pid, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
-    rmSync(r.dir, { recursive: true, force: true });
-    rmSync(file, { force: true });
-  }
-}
-
-function newest(dir: string): number {
-  let t = 0;
-  for (const e of readdirSync(dir, { withFileTypes: true })) {
-    const p = join(dir, e.name);
-    if (e.isDirectory()) t = Math.max(t, newest(p));
-    else if (e.name.endsWith('.ts')) t = Math.max(t, statSync(p).mtimeMs);
-  }
-  return t;
-}
-
-/** Like the protocol tests: dist/ must be built from the current src/ (VHOSTD_ALLOW_STALE=1 skips this). */
-export function checkBuilt(): void {
-  if (!existsSync(VHOSTD_BIN)) throw new Error(`${VHOSTD_BIN} is missing: run \`npm run build\``);
-  if (process.env.VHOSTD_BIN || process.env.VHOSTD_ALLOW_STALE === '1') return;
-  if (newest(join(ROOT, 'src')) > statSync(VHOSTD_BIN).mtimeMs) {
-    throw new Error(`${VHOSTD_BIN} is older than src/: run \`npm run build\` (or set VHOSTD_ALLOW_STALE=1)`);
-  }
-}
-
 const live = new Set<ChildProcess>();
 let hooked = false;
 
@@ -279,9 +216,7 @@ export class FuzzDaemon {
       closeSync(logFd);
     }
     live.add(proc);
-    mkdirSync(REGISTRY, { recursive: true });
-    const record = join(REGISTRY, `${proc.pid ?? 'failed'}-${process.pid}.json`);
-    if (proc.pid !== undefined) writeFileSync(record, JSON.stringify({ pid: proc.pid, owner: process.pid, dir }));
+    const record = remember(proc.pid, dir);
     const d = new FuzzDaemon(proc, dir, socket, image, imageBytes, record, new LogScan(logPath));
     const deadline = Date.now() + 15_000;
     for (;;) {
@@ -362,7 +297,7 @@ export class FuzzDaemon {
     this.log.scan();
     this.log.close();
     rmSync(this.dir, { recursive: true, force: true });
-    rmSync(this.record, { force: true });
+    forget(this.record);
   }
 }
 

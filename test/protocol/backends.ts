@@ -3,22 +3,16 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import {
   closeSync,
-  existsSync,
   ftruncateSync,
   lstatSync,
-  mkdirSync,
   mkdtempSync,
   openSync,
-  readdirSync,
-  readFileSync,
   readSync,
   rmSync,
-  statSync,
-  writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { checkBuilt, forget, reapOrphans, remember, VHOSTD_BIN } from '../support/children.js';
 
 export type BackendKind = 'vhostd' | 'qsd';
 
@@ -46,77 +40,8 @@ export interface Backend {
   stop(): Promise<void>;
 }
 
-const ROOT = fileURLToPath(new URL('../..', import.meta.url));
-/** The built daemon; VHOSTD_BIN overrides it. */
-export const VHOSTD_BIN = process.env.VHOSTD_BIN ?? join(ROOT, 'dist', 'daemon.js');
+export { VHOSTD_BIN };
 export const QSD_BIN = process.env.QSD_BIN ?? 'qemu-storage-daemon';
-
-/**
- * Back-ends started by test processes, one file per child. A test worker that
- * crashes (SIGSEGV) never runs its exit hooks; the next run kills what it left.
- */
-const REGISTRY = join(tmpdir(), 'vhostd-proto-registry');
-
-interface Record {
-  pid: number;
-  owner: number;
-  dir: string;
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-function reapOrphans(): void {
-  let names: string[];
-  try {
-    names = readdirSync(REGISTRY);
-  } catch {
-    return;
-  }
-  for (const n of names) {
-    const file = join(REGISTRY, n);
-    let r: Record;
-    try {
-      r = JSON.parse(readFileSync(file, 'utf8')) as Record;
-    } catch {
-      continue;
-    }
-    if (alive(r.owner)) continue;
-    try {
-      // Only if the pid still runs our command line (pids get reused).
-      if (readFileSync(`/proc/${r.pid}/cmdline`, 'utf8').includes(r.dir)) process.kill(r.pid, 'SIGKILL');
-    } catch {
-      /* gone */
-    }
-    rmSync(r.dir, { recursive: true, force: true });
-    rmSync(file, { force: true });
-  }
-}
-
-/** Newest mtime of the TypeScript sources under a directory, in ms (tsc builds only those). */
-function newest(dir: string): number {
-  let t = 0;
-  for (const e of readdirSync(dir, { withFileTypes: true })) {
-    const p = join(dir, e.name);
-    if (e.isDirectory()) t = Math.max(t, newest(p));
-    else if (e.name.endsWith('.ts')) t = Math.max(t, statSync(p).mtimeMs);
-  }
-  return t;
-}
-
-/** The tests judge dist/, so dist/ must be built from the current src/. VHOSTD_ALLOW_STALE=1 skips this. */
-function checkFresh(): void {
-  if (process.env.VHOSTD_BIN || process.env.VHOSTD_ALLOW_STALE === '1') return;
-  if (newest(join(ROOT, 'src')) > statSync(VHOSTD_BIN).mtimeMs) {
-    throw new Error(`${VHOSTD_BIN} is older than src/: run \`npm run build\` (or set VHOSTD_ALLOW_STALE=1)`);
-  }
-}
 
 let qsdChecked: boolean | undefined;
 /** Back-ends present on this machine; qsd is optional but its absence is said out loud. */
@@ -184,8 +109,7 @@ export async function startBackend(kind: BackendKind, opts: BackendOptions = {})
   let cmd: string;
   let args: string[];
   if (kind === 'vhostd') {
-    if (!existsSync(VHOSTD_BIN)) throw new Error(`${VHOSTD_BIN} is missing: run \`npm run build\``);
-    checkFresh();
+    checkBuilt();
     cmd = process.execPath;
     args = [
       VHOSTD_BIN, 'blk', '--socket', socket, '--file', image, '--num-queues', String(numQueues),
@@ -204,9 +128,7 @@ export async function startBackend(kind: BackendKind, opts: BackendOptions = {})
   }
   const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   live.add(proc);
-  mkdirSync(REGISTRY, { recursive: true });
-  const record = join(REGISTRY, `${proc.pid ?? 'failed'}-${process.pid}.json`);
-  if (proc.pid !== undefined) writeFileSync(record, JSON.stringify({ pid: proc.pid, owner: process.pid, dir } satisfies Record));
+  const record = remember(proc.pid, dir);
   let out = '';
   const append = (b: Buffer): void => {
     if (out.length < 8 * 1024 * 1024) out += b.toString();
@@ -229,7 +151,7 @@ export async function startBackend(kind: BackendKind, opts: BackendOptions = {})
       clearTimeout(t);
     }
     rmSync(dir, { recursive: true, force: true });
-    rmSync(record, { force: true });
+    forget(record);
   };
 
   try {
@@ -238,7 +160,7 @@ export async function startBackend(kind: BackendKind, opts: BackendOptions = {})
     proc.kill('SIGKILL');
     await exited;
     rmSync(dir, { recursive: true, force: true });
-    rmSync(record, { force: true });
+    forget(record);
     throw e;
   }
 

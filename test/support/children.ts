@@ -1,0 +1,91 @@
+// Daemons spawned by tests: the binary they run, the check that it is built
+// from the current sources, and a registry that outlives a crashed test worker.
+//
+// A worker that dies hard (SIGSEGV, OOM kill) never runs its exit hooks, so
+// each child gets a record file naming its pid, its owner and its temp dir;
+// the next test run kills and removes what a dead owner left behind.
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
+/** The built daemon; VHOSTD_BIN overrides it. */
+export const VHOSTD_BIN = process.env.VHOSTD_BIN ?? join(ROOT, 'dist', 'daemon.js');
+
+const REGISTRY = join(tmpdir(), 'vhostd-proto-registry');
+
+interface ChildRecord {
+  pid: number;
+  owner: number;
+  dir: string;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Record a child and its temp dir; returns the record's path, for forget(). */
+export function remember(pid: number | undefined, dir: string): string {
+  mkdirSync(REGISTRY, { recursive: true });
+  const record = join(REGISTRY, `${pid ?? 'failed'}-${process.pid}.json`);
+  if (pid !== undefined) writeFileSync(record, JSON.stringify({ pid, owner: process.pid, dir } satisfies ChildRecord));
+  return record;
+}
+
+export function forget(record: string): void {
+  rmSync(record, { force: true });
+}
+
+/** Kill the children of test processes that are gone, and remove their temp dirs. */
+export function reapOrphans(): void {
+  let names: string[];
+  try {
+    names = readdirSync(REGISTRY);
+  } catch {
+    return;
+  }
+  for (const n of names) {
+    const file = join(REGISTRY, n);
+    let r: ChildRecord;
+    try {
+      r = JSON.parse(readFileSync(file, 'utf8')) as ChildRecord;
+    } catch {
+      continue;
+    }
+    if (alive(r.owner)) continue;
+    try {
+      // Only if the pid still runs our command line (pids get reused).
+      if (readFileSync(`/proc/${r.pid}/cmdline`, 'utf8').includes(r.dir)) process.kill(r.pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+    rmSync(r.dir, { recursive: true, force: true });
+    rmSync(file, { force: true });
+  }
+}
+
+/** Newest mtime of the TypeScript sources under a directory, in ms (tsc builds only those). */
+function newest(dir: string): number {
+  let t = 0;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    if (e.isDirectory()) t = Math.max(t, newest(p));
+    else if (e.name.endsWith('.ts')) t = Math.max(t, statSync(p).mtimeMs);
+  }
+  return t;
+}
+
+/** Tests judge dist/, so dist/ must exist and be built from the current src/. VHOSTD_ALLOW_STALE=1 skips the age check. */
+export function checkBuilt(): void {
+  if (!existsSync(VHOSTD_BIN)) throw new Error(`${VHOSTD_BIN} is missing: run \`npm run build\``);
+  if (process.env.VHOSTD_BIN || process.env.VHOSTD_ALLOW_STALE === '1') return;
+  if (newest(join(ROOT, 'src')) > statSync(VHOSTD_BIN).mtimeMs) {
+    throw new Error(`${VHOSTD_BIN} is older than src/: run \`npm run build\` (or set VHOSTD_ALLOW_STALE=1)`);
+  }
+}
