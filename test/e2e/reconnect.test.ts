@@ -7,12 +7,39 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startVhostd, type Backend } from './daemons.js';
-import { provisionGuestKit, qemuAvailable, runGuest } from './guest.js';
+import { provisionGuestKit, qemuAvailable, runGuest, type GuestResult } from './guest.js';
 
 const KILLS = Number(process.env.VHOSTD_KILLS ?? 10);
 const ROUNDS = 12;
 const GUEST_TIMEOUT = 600_000;
 const run = qemuAvailable() || process.env.CI === 'true' ? describe : describe.skip;
+
+/**
+ * Guest script: rounds of random writes with crc32c headers, each followed by a
+ * separate verify pass, long enough to span every kill the host makes.
+ */
+function fioVerifyScript(o: { rounds: number; sizeMiB: number; iodepth: number }): string {
+  const job = `--filename=/dev/vda --rw=randwrite --bs=4k --size=${o.sizeMiB}M --ioengine=libaio --iodepth=${o.iodepth} --direct=1 \\
+      --verify=crc32c --randseed=$round --output-format=terse --terse-version=3`;
+  return `
+echo "@@FIO_STARTED=1"
+round=0
+while [ $round -lt ${o.rounds} ]; do
+  round=$((round + 1))
+  fio --name=r$round ${job} --do_verify=0 > /tmp/w.txt 2>&1 || { cat /tmp/w.txt; exit 1; }
+  fio --name=r$round ${job} --verify_only > /tmp/v.txt 2>&1 || { cat /tmp/v.txt; exit 2; }
+  echo "@@ROUND$round=$(cut -d';' -f5 /tmp/w.txt),$(cut -d';' -f5 /tmp/v.txt)"
+done
+echo "@@IOERRORS=$(dmesg | grep -ci 'I/O error')"
+`;
+}
+
+/** The guest ran every round, and neither fio nor the kernel saw an error. */
+function expectCleanFio(res: GuestResult, rounds: number): void {
+  if (res.exitCode !== 0) throw new Error(`guest failed (exit ${res.exitCode}):\n${res.output.slice(-6000)}`);
+  expect(res.markers.IOERRORS).toBe('0');
+  for (let i = 1; i <= rounds; i++) expect(res.markers[`ROUND${i}`], `fio errors in round ${i}`).toBe('0,0');
+}
 
 run('vhostd blk survives SIGKILL with QEMU reconnecting', () => {
   let dir: string;
@@ -62,26 +89,10 @@ run('vhostd blk survives SIGKILL with QEMU reconnecting', () => {
         onMarker: (key) => {
           if (key === 'FIO_STARTED') killer ??= killLoop();
         },
-        script: `
-echo "@@FIO_STARTED=1"
-# Rounds of random writes with crc32c headers, each followed by a separate
-# verify pass, long enough to span every kill the host makes.
-round=0
-while [ $round -lt ${ROUNDS} ]; do
-  round=$((round + 1))
-  fio --name=r$round --filename=/dev/vda --rw=randwrite --bs=4k --size=48M --ioengine=libaio --iodepth=16 --direct=1 \\
-      --verify=crc32c --do_verify=0 --randseed=$round --output-format=terse --terse-version=3 > /tmp/w.txt 2>&1 || { cat /tmp/w.txt; exit 1; }
-  fio --name=r$round --filename=/dev/vda --rw=randwrite --bs=4k --size=48M --ioengine=libaio --iodepth=16 --direct=1 \\
-      --verify=crc32c --verify_only --randseed=$round --output-format=terse --terse-version=3 > /tmp/v.txt 2>&1 || { cat /tmp/v.txt; exit 2; }
-  echo "@@ROUND$round=$(cut -d';' -f5 /tmp/w.txt),$(cut -d';' -f5 /tmp/v.txt)"
-done
-echo "@@IOERRORS=$(dmesg | grep -ci 'I/O error')"
-`,
+        script: fioVerifyScript({ rounds: ROUNDS, sizeMiB: 48, iodepth: 16 }),
       });
       await killer;
-      if (res.exitCode !== 0) throw new Error(`guest failed (exit ${res.exitCode}):\n${res.output.slice(-6000)}`);
-      expect(res.markers.IOERRORS).toBe('0');
-      for (let i = 1; i <= ROUNDS; i++) expect(res.markers[`ROUND${i}`], `fio errors in round ${i}`).toBe('0,0');
+      expectCleanFio(res, ROUNDS);
       expect(kills).toBe(KILLS);
       const all = logs.join('\n') + daemon!.output();
       // Whether a kill caught requests inside vhostd is chance (the guest is the slow side);
@@ -141,23 +152,11 @@ run('vhostd blk --client reconnects to a QEMU server socket', () => {
         onMarker: (key) => {
           if (key === 'FIO_STARTED') killer ??= killLoop();
         },
-        script: `
-echo "@@FIO_STARTED=1"
-for round in 1 2 3 4 5 6; do
-  fio --name=c$round --filename=/dev/vda --rw=randwrite --bs=4k --size=32M --ioengine=libaio --iodepth=8 --direct=1 \\
-      --verify=crc32c --do_verify=0 --randseed=$round --output-format=terse --terse-version=3 > /tmp/w.txt 2>&1 || { cat /tmp/w.txt; exit 1; }
-  fio --name=c$round --filename=/dev/vda --rw=randwrite --bs=4k --size=32M --ioengine=libaio --iodepth=8 --direct=1 \\
-      --verify=crc32c --verify_only --randseed=$round --output-format=terse --terse-version=3 > /tmp/v.txt 2>&1 || { cat /tmp/v.txt; exit 2; }
-  echo "@@ROUND$round=$(cut -d';' -f5 /tmp/w.txt),$(cut -d';' -f5 /tmp/v.txt)"
-done
-echo "@@IOERRORS=$(dmesg | grep -ci 'I/O error')"
-`,
+        script: fioVerifyScript({ rounds: 6, sizeMiB: 32, iodepth: 8 }),
       });
       await killer;
-      if (res.exitCode !== 0) throw new Error(`guest failed (exit ${res.exitCode}):\n${res.output.slice(-6000)}`);
+      expectCleanFio(res, 6);
       expect(kills).toBe(3);
-      expect(res.markers.IOERRORS).toBe('0');
-      for (let i = 1; i <= 6; i++) expect(res.markers[`ROUND${i}`]).toBe('0,0');
     },
     GUEST_TIMEOUT + 120_000,
   );
