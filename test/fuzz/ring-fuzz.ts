@@ -1472,9 +1472,16 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
   }
   // A chain the device may refuse ended the list. Refused, it comes back with used length 0 and the
   // err fd follows at once (give a loaded machine a while); any other length means it was taken.
+  // Used entries come in completion order, not avail order: a refusal is completed at once, ahead of
+  // earlier chains still doing I/O, so look for its head among all of this input's entries.
   if (!failedNow() && mayFail && !sentinel && failAt < 0 && used() >= exp.length) {
-    const slot = (q.lastUsed + exp.length - 1) % q.size;
-    if (q.usedDv.getUint32(8 + slot * 8, true) === 0) {
+    const head = exp[exp.length - 1]!.head;
+    let refusedLooking = false;
+    for (let k = 0; k < exp.length; k++) {
+      const slot = (q.lastUsed + k) % q.size;
+      if (q.usedDv.getUint32(4 + slot * 8, true) === head && q.usedDv.getUint32(8 + slot * 8, true) === 0) refusedLooking = true;
+    }
+    if (refusedLooking) {
       const until = Date.now() + 500;
       while (!failedNow() && Date.now() < until) await fz.waitEvent(until - Date.now());
     }
