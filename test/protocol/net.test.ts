@@ -58,6 +58,21 @@ describe.each([
     }
   }
 
+  /** Connect again after a hang-up. vhostd refuses a second front-end until the first is torn down: retry like QEMU's reconnect. */
+  async function reopen(): Promise<void> {
+    for (let i = 0; ; i++) {
+      try {
+        return await open();
+      } catch (e) {
+        fe.close();
+        mem.destroy();
+        for (const q of [rx, tx]) q?.destroy();
+        if (i === 100) throw e;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+  }
+
   beforeEach(async () => {
     ns = new Netns('np');
     ns.sh('sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1');
@@ -320,19 +335,7 @@ print(s.recv(2048).hex(), flush=True)
         fe.close();
         for (const q of [rx, tx]) q.destroy();
         mem.destroy();
-        // vhostd refuses a second front-end until the first is torn down: retry like QEMU's reconnect.
-        for (let i = 0; ; i++) {
-          try {
-            await open();
-            break;
-          } catch (e) {
-            fe.close();
-            mem.destroy();
-            for (const q of [rx, tx]) q?.destroy();
-            if (i === 100) throw e;
-            await new Promise((r) => setTimeout(r, 20));
-          }
-        }
+        await reopen();
         running = true;
       }
       if (step % 50 === 49 && running) await expectSent();
@@ -380,18 +383,6 @@ print(s.recv(2048).hex(), flush=True)
       rx.destroy();
       tx.destroy();
       mem.destroy();
-    };
-    const reopen = async (): Promise<void> => {
-      for (let i = 0; ; i++) {
-        try {
-          return await open();
-        } catch (e) {
-          fe.close();
-          mem.destroy();
-          if (i === 100) throw e;
-          await new Promise((r) => setTimeout(r, 20));
-        }
-      }
     };
     await cycle();
     await reopen();
