@@ -134,9 +134,6 @@ export interface FdSnapshot {
   targets: Map<string, number>;
 }
 
-const live = new Set<ChildProcess>();
-let hooked = false;
-
 export class FuzzDaemon {
   exitInfo: string | undefined;
   private readonly exitedPromise: Promise<void>;
@@ -154,7 +151,6 @@ export class FuzzDaemon {
     this.exitedPromise = new Promise<void>((r) => {
       proc.once('exit', (code, signal) => {
         this.exitInfo = signal ? `killed by ${signal}` : `exited with status ${code}`;
-        live.delete(proc);
         r();
       });
       proc.once('error', (e) => {
@@ -175,18 +171,6 @@ export class FuzzDaemon {
   static async start(opts: DaemonOptions = {}): Promise<FuzzDaemon> {
     checkBuilt();
     reapOrphans();
-    if (!hooked) {
-      hooked = true;
-      process.on('exit', () => {
-        for (const p of live) {
-          try {
-            p.kill('SIGKILL');
-          } catch {
-            /* gone */
-          }
-        }
-      });
-    }
     const dir = mkdtempSync(join(tmpdir(), 'vhostd-fuzz-'));
     const socket = join(dir, 'blk.sock');
     const image = join(dir, 'disk.img');
@@ -215,8 +199,7 @@ export class FuzzDaemon {
     } finally {
       closeSync(logFd);
     }
-    live.add(proc);
-    const record = remember(proc.pid, dir);
+    const record = remember(proc, dir);
     const d = new FuzzDaemon(proc, dir, socket, image, imageBytes, record, new LogScan(logPath));
     const deadline = Date.now() + 15_000;
     for (;;) {

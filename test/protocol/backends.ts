@@ -57,23 +57,6 @@ export function availableKinds(): BackendKind[] {
   return qsdChecked ? ['vhostd', 'qsd'] : ['vhostd'];
 }
 
-const live = new Set<ChildProcess>();
-let hooked = false;
-function hookExit(): void {
-  if (hooked) return;
-  hooked = true;
-  // Last resort when a test run dies without reaching afterAll.
-  process.on('exit', () => {
-    for (const p of live) {
-      try {
-        p.kill('SIGKILL');
-      } catch {
-        /* gone */
-      }
-    }
-  });
-}
-
 async function waitForSocket(path: string, proc: ChildProcess, output: () => string, spawnError: () => Error | undefined, timeoutMs = 15_000): Promise<void> {
   // Only stat: a probe connection would occupy vhostd's single front-end slot.
   const deadline = Date.now() + timeoutMs;
@@ -94,7 +77,6 @@ async function waitForSocket(path: string, proc: ChildProcess, output: () => str
 }
 
 export async function startBackend(kind: BackendKind, opts: BackendOptions = {}): Promise<Backend> {
-  hookExit();
   reapOrphans();
   const dir = mkdtempSync(join(tmpdir(), `vhostd-proto-${kind}-`));
   const socket = join(dir, 'blk.sock');
@@ -127,8 +109,7 @@ export async function startBackend(kind: BackendKind, opts: BackendOptions = {})
     ];
   }
   const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  live.add(proc);
-  const record = remember(proc.pid, dir);
+  const record = remember(proc, dir);
   let out = '';
   const append = (b: Buffer): void => {
     if (out.length < 8 * 1024 * 1024) out += b.toString();
@@ -141,7 +122,6 @@ export async function startBackend(kind: BackendKind, opts: BackendOptions = {})
     proc.once('exit', () => r());
     proc.once('error', () => r());
   });
-  proc.once('exit', () => live.delete(proc));
 
   const stop = async (): Promise<void> => {
     if (proc.exitCode === null && proc.signalCode === null) {

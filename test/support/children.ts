@@ -1,9 +1,11 @@
 // Daemons spawned by tests: the binary they run, the check that it is built
-// from the current sources, and a registry that outlives a crashed test worker.
+// from the current sources, and how they are made to die with the test.
 //
-// A worker that dies hard (SIGSEGV, OOM kill) never runs its exit hooks, so
-// each child gets a record file naming its pid, its owner and its temp dir;
-// the next test run kills and removes what a dead owner left behind.
+// A test process that exits kills its live children. One that dies hard
+// (SIGSEGV, OOM kill) never runs its exit hooks, so each child also gets a
+// record file naming its pid, its owner and its temp dir; the next test run
+// kills and removes what a dead owner left behind.
+import type { ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -30,8 +32,27 @@ function alive(pid: number): boolean {
   }
 }
 
-/** Record a child and its temp dir; returns the record's path, for forget(). */
-export function remember(pid: number | undefined, dir: string): string {
+const live = new Set<ChildProcess>();
+let hooked = false;
+
+/** Kill a child when this process exits, and record it with its temp dir; returns the record's path, for forget(). */
+export function remember(proc: ChildProcess, dir: string): string {
+  if (!hooked) {
+    hooked = true;
+    // Last resort when a test run ends without reaching its cleanup.
+    process.on('exit', () => {
+      for (const p of live) {
+        try {
+          p.kill('SIGKILL');
+        } catch {
+          /* gone */
+        }
+      }
+    });
+  }
+  live.add(proc);
+  proc.once('exit', () => live.delete(proc));
+  const pid = proc.pid;
   mkdirSync(REGISTRY, { recursive: true });
   const record = join(REGISTRY, `${pid ?? 'failed'}-${process.pid}.json`);
   if (pid !== undefined) writeFileSync(record, JSON.stringify({ pid, owner: process.pid, dir } satisfies ChildRecord));
