@@ -4,44 +4,86 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { netTotals, startVhostdNet, type Backend } from './daemons.js';
 import { hasCommand } from './guest.js';
 import { Netns } from './netns.js';
+import { forget, remember } from '../support/children.js';
 
 const TAP = 'vtpmd0';
 const INJECT = 5000;
 const available = hasCommand('dpdk-testpmd', ['--help']) || spawnSync('which', ['dpdk-testpmd']).status === 0;
 const run = available || process.env.CI === 'true' ? describe : describe.skip;
 
-/** Runs testpmd until `stop()`, which interrupts it and returns its final port statistics. */
-function testpmd(socket: string, mode: 'txonly' | 'rxonly'): { stop(): Promise<{ rx: number; tx: number }>; output(): string } {
+/** testpmd at its interactive prompt, driven through stdin. */
+interface Testpmd {
+  /** `stop`: its lcores stop sending and receiving; resolves to the forward statistics it then prints. */
+  stopForwarding(): Promise<{ rx: number; tx: number }>;
+  /** `quit`: it stops and closes its port (GET_VRING_BASE) and exits. */
+  quit(): Promise<void>;
+  /** Cleanup after a failed test. */
+  kill(): Promise<void>;
+}
+
+/** Starts testpmd and, once its prompt is up, forwarding in `mode`. */
+async function startTestpmd(socket: string, mode: 'txonly' | 'rxonly'): Promise<Testpmd> {
+  // stdbuf: its printf output to a pipe would otherwise sit in a buffer until exit.
   const child = spawn(
-    'dpdk-testpmd',
+    'stdbuf',
     [
-      '-l', '0,1', '--no-pci', '--no-huge', '-m', '1024', '--file-prefix', `vhostd${process.pid}`,
+      '-o0', 'dpdk-testpmd', '-l', '0,1', '--no-pci', '--no-huge', '-m', '1024', '--file-prefix', `vhostd${process.pid}`,
       '--vdev', `net_virtio_user0,path=${socket},queues=1`,
-      '--', `--forward-mode=${mode}`, '--auto-start', '--stats-period', '1', '--total-num-mbufs=16384',
+      '--', '-i', `--forward-mode=${mode}`, '--total-num-mbufs=16384',
     ],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
+    { stdio: ['pipe', 'pipe', 'pipe'] },
   );
+  const record = remember(child, dirname(socket));
   let out = '';
   child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
   child.stderr.setEncoding('utf8').on('data', (d: string) => (out += d));
-  const closed = new Promise<void>((r) => child.once('close', () => r()));
+  let exited = false;
+  const closed = new Promise<void>((r) =>
+    child.once('close', () => {
+      exited = true;
+      forget(record);
+      r();
+    }),
+  );
+  const until = async (what: string, re: RegExp, from: number): Promise<RegExpMatchArray> => {
+    await waitFor(`testpmd: ${what}`, () => re.test(out.slice(from)) || exited, 60_000);
+    const m = out.slice(from).match(re);
+    if (!m) throw new Error(`testpmd exited before ${what}:\n${out.slice(-3000)}`);
+    return m;
+  };
+  const command = (line: string): number => {
+    const from = out.length;
+    child.stdin.write(`${line}\n`);
+    return from;
+  };
+  try {
+    await until('its prompt', /testpmd> /, 0);
+    await until('forwarding started', /packet forwarding - ports=1/, command('start'));
+  } catch (e) {
+    child.kill('SIGKILL');
+    await closed;
+    throw e;
+  }
   return {
-    output: () => out,
-    async stop() {
-      child.kill('SIGINT');
-      const t = setTimeout(() => child.kill('SIGKILL'), 10_000);
+    async stopForwarding() {
+      // The per-port block comes first; with one port it is the whole story.
+      const m = await until('forward statistics', /RX-packets:\s+(\d+)[\s\S]*?TX-packets:\s+(\d+)[\s\S]*?Done\./, command('stop'));
+      return { rx: Number(m[1]), tx: Number(m[2]) };
+    },
+    async quit() {
+      command('quit');
+      const t = setTimeout(() => child.kill('SIGKILL'), 20_000);
       await closed;
       clearTimeout(t);
-      // The last "Forward statistics" block is the final count.
-      const rx = [...out.matchAll(/RX-packets:\s+(\d+)/g)].pop();
-      const tx = [...out.matchAll(/TX-packets:\s+(\d+)/g)].pop();
-      if (!rx || !tx) throw new Error(`no statistics from testpmd:\n${out.slice(-3000)}`);
-      return { rx: Number(rx[1]), tx: Number(tx[1]) };
+    },
+    async kill() {
+      if (!exited) child.kill('SIGKILL');
+      await closed;
     },
   };
 }
@@ -58,6 +100,7 @@ run('vhostd net with DPDK testpmd as the front-end', () => {
   let ns: Netns;
   let dir: string;
   let daemon: Backend;
+  let pmd: Testpmd | undefined;
 
   beforeEach(async () => {
     ns = new Netns('pmd');
@@ -68,6 +111,8 @@ run('vhostd net with DPDK testpmd as the front-end', () => {
   });
 
   afterEach(async () => {
+    await pmd?.kill();
+    pmd = undefined;
     await daemon?.stop();
     ns?.destroy();
     await rm(dir, { recursive: true, force: true });
@@ -76,24 +121,27 @@ run('vhostd net with DPDK testpmd as the front-end', () => {
   const tapStat = (name: string): number => Number(ns.sh(`cat /sys/class/net/${TAP}/statistics/${name}`));
 
   it('delivers every packet testpmd sends to the tap', async () => {
-    const pmd = testpmd(daemon.socket, 'txonly');
+    pmd = await startTestpmd(daemon.socket, 'txonly');
     await waitFor('testpmd traffic on the tap', () => tapStat('rx_packets') > 10_000, 60_000);
-    const { tx } = await pmd.stop();
-    const onTap = tapStat('rx_packets') + tapStat('rx_dropped'); // read before the tap goes with vhostd
+    // testpmd counts a packet once it is on the ring. Stop sending and let vhostd catch up before the
+    // port closes: a ring that is stopped keeps what it has not taken, by design.
+    const { tx } = await pmd.stopForwarding();
+    const onTap = (): number => tapStat('rx_packets') + tapStat('rx_dropped');
+    await waitFor(`all ${tx} packets on the tap`, () => onTap() >= tx, 30_000);
+    await pmd.quit();
+    const arrived = onTap(); // read before the tap goes with vhostd
     await daemon.stop();
     const [totals] = netTotals(daemon.output());
     expect(tx).toBeGreaterThan(10_000);
     expect(totals!.txPackets).toBe(tx);
-    expect(onTap).toBe(tx);
+    expect(arrived).toBe(tx);
     expect(totals!.txDropped).toBe(0);
   }, 120_000);
 
   it('delivers every packet written into the tap to testpmd', async () => {
-    const pmd = testpmd(daemon.socket, 'rxonly');
     // Paced injection and a longer tap queue: the kernel must not drop a burst before vhostd reads it.
     ns.ip(`link set ${TAP} txqueuelen 10000`);
-    // Wait until testpmd's port is up (vhostd is reading the tap for it).
-    await waitFor('testpmd port up', () => /packet forwarding - ports=1/.test(pmd.output()), 60_000);
+    pmd = await startTestpmd(daemon.socket, 'rxonly');
     await new Promise((r) => setTimeout(r, 1000));
     const inject = `
 import socket, struct, time
@@ -107,7 +155,8 @@ for i in range(${INJECT}):
     ns.sh(`python3 -c '${inject}'`);
     await waitFor('all packets through vhostd', () => tapStat('tx_packets') >= INJECT, 30_000);
     await new Promise((r) => setTimeout(r, 1500));
-    const { rx } = await pmd.stop();
+    const { rx } = await pmd.stopForwarding();
+    await pmd.quit();
     const fromTap = tapStat('tx_packets');
     const dropped = tapStat('tx_dropped');
     await daemon.stop();
