@@ -246,7 +246,10 @@ export class Connection {
         this.ackedFeatures = f;
         this.featuresSet = true;
         // Without protocol features a ring is enabled as soon as it exists.
-        if (!(f & bit(F_PROTOCOL_FEATURES))) for (const v of this.vrings) v.setEnabled(true);
+        if (!(f & bit(F_PROTOCOL_FEATURES))) {
+          await Promise.all(this.vrings.map((v) => v.setEnabled(true)));
+          if (this.closed) return;
+        }
         this.ack(msg, true);
         return;
       }
@@ -401,7 +404,8 @@ export class Connection {
         // Allowed as soon as we offer protocol features (always): QEMU's net front-end
         // sends it before SET_FEATURES.
         if (s.num > 1) throw new ProtocolError(`SET_VRING_ENABLE: value ${s.num} is not 0 or 1`);
-        v.setEnabled(s.num === 1);
+        await v.setEnabled(s.num === 1);
+        if (this.closed) return;
         this.ack(msg, true);
         return;
       }

@@ -72,6 +72,7 @@ async function handle(m: ToThread): Promise<void> {
       return stop(m.index, m.seq);
     case 'enable':
       v?.setEnabled(m.on);
+      post({ op: 'done', index: m.index, seq: m.seq });
       return;
     case 'call':
     case 'err':

@@ -60,7 +60,7 @@ export type ToThread =
     }
   | { op: 'stop'; index: number; seq: number }
   | { op: 'call' | 'err'; index: number; fd: number; seq: number }
-  | { op: 'enable'; index: number; on: boolean }
+  | { op: 'enable'; index: number; on: boolean; seq: number }
   | { op: 'fail'; index: number; reason: string };
 
 /** Thread to daemon. */
@@ -101,7 +101,9 @@ export class QueueThread {
   }
 
   /** Post and wait for the answer; undefined if the worker died first. */
-  request(msg: { op: 'stop'; index: number } | { op: 'call' | 'err'; index: number; fd: number }): Promise<Answer | undefined> {
+  request(
+    msg: { op: 'stop'; index: number } | { op: 'call' | 'err'; index: number; fd: number } | { op: 'enable'; index: number; on: boolean },
+  ): Promise<Answer | undefined> {
     const seq = ++this.seq;
     return new Promise((resolve) => {
       this.pending.set(seq, { index: msg.index, resolve });
@@ -208,9 +210,10 @@ export class RemoteVring implements Virtqueue {
     return this.kickReady && this.size > 0 && this.addrs !== undefined && this.mem.regionCount > 0;
   }
 
-  setEnabled(on: boolean): void {
+  /** Settles once the thread's ring has switched, so a reply to the front-end comes after it. */
+  async setEnabled(on: boolean): Promise<void> {
     this.enabled = on;
-    if (this.running) this.thread.post({ op: 'enable', index: this.index, on });
+    if (this.running) await this.thread.request({ op: 'enable', index: this.index, on });
   }
 
   setKick(fd: number | null): void {

@@ -16,6 +16,12 @@ export interface VringHandler {
    * them; blk cannot even find a status byte, so it lets the queue fail.
    */
   tolerateBadChains?: boolean;
+  /**
+   * Keep taking chains while the ring is started but disabled (the handler
+   * sees `enabled` false). The spec asks this of a net device's TX ring, whose
+   * packets are then discarded; other rings wait until they are enabled.
+   */
+  serveWhileDisabled?: boolean;
 }
 
 /** Whoever runs a queue's data path (the device). */
@@ -45,7 +51,8 @@ export interface Virtqueue {
   readonly started: boolean;
   /** Whether everything a start needs has arrived. */
   readonly configured: boolean;
-  setEnabled(on: boolean): void;
+  /** Once this settles, the data path runs by the new state. */
+  setEnabled(on: boolean): void | Promise<void>;
   setKick(fd: number | null): void;
   /** A new call fd; once this settles, no signal goes to the old one. */
   setCall(fd: number | null): void | Promise<void>;
@@ -149,9 +156,14 @@ export class Vring implements Virtqueue {
     return this.ring !== undefined && this.enabled && !this.failed && !this.stopping;
   }
 
+  /** Chains may be taken: active, or started and disabled with a handler that serves that state. */
+  private get serving(): boolean {
+    return this.active || (this.ring !== undefined && !this.failed && !this.stopping && this.handler?.serveWhileDisabled === true);
+  }
+
   setEnabled(on: boolean): void {
     this.enabled = on;
-    if (on && this.started) this.schedule();
+    if (this.started) this.schedule();
   }
 
   setKick(fd: number | null): void {
@@ -241,7 +253,7 @@ export class Vring implements Virtqueue {
 
   /** Service the queue; a bug while doing so fails this queue, not the daemon. */
   private run(): void {
-    if (!this.active) return;
+    if (!this.serving) return;
     try {
       this.handler!.kick();
     } catch (e) {
@@ -255,7 +267,7 @@ export class Vring implements Virtqueue {
    * ring cannot be serviced. A malformed chain or ring fails the queue.
    */
   pop(chain: Chain): boolean {
-    if (!this.active) return false;
+    if (!this.serving) return false;
     const resubmitted = this.resubmit.shift();
     if (resubmitted !== undefined) {
       this.ring!.chainAt(resubmitted, chain);
@@ -287,7 +299,7 @@ export class Vring implements Virtqueue {
    * for the next turn instead and this returns false.
    */
   rearm(): boolean {
-    if (!this.active) return false;
+    if (!this.serving) return false;
     if (this.taken >= RUN_BUDGET) {
       this.schedule();
       return false;

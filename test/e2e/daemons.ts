@@ -69,7 +69,7 @@ export function startVhostdNet(netns: string, args: string[], socket: string): P
 }
 
 /** The per-queue-pair totals vhostd logs when it stops. */
-export function netTotals(output: string): { txPackets: number; rxPackets: number; txDropped: number; rxDropped: number }[] {
+export function netTotals(output: string): { txPackets: number; rxPackets: number; txDropped: number; txDiscarded: number; rxDropped: number }[] {
   const line = output.split('\n').reverse().find((l) => l.includes('"msg":"traffic totals"'));
   if (!line) throw new Error(`no traffic totals in vhostd output:\n${output}`);
   return JSON.parse(line).stats;

@@ -136,6 +136,7 @@ run('vhostd net with DPDK testpmd as the front-end', () => {
     expect(totals!.txPackets).toBe(tx);
     expect(arrived).toBe(tx);
     expect(totals!.txDropped).toBe(0);
+    expect(totals!.txDiscarded).toBe(0);
   }, 120_000);
 
   it('delivers every packet written into the tap to testpmd', async () => {

@@ -231,16 +231,45 @@ print(s.recv(2048).hex(), flush=True)
     tx.kick();
     await new Promise((r) => setTimeout(r, 200));
     expect(tapStat('rx_packets') - before).toBe(1);
+    // Enabled before the kick starts them: a TX ring started disabled would discard that frame.
     for (const q of [rx, tx]) {
       await fe.setVringNum(q.index, q.size);
       await fe.setVringBase(q.index, bases[q.index]!);
       await fe.setVringAddr({ index: q.index, ...q.addrs() });
-      await fe.setVringKick(q.index, q.kickFd);
-      await fe.setVringCall(q.index, q.callFd);
       await fe.setVringEnable(q.index, true);
+      await fe.setVringCall(q.index, q.callFd);
+      await fe.setVringKick(q.index, q.kickFd);
     }
     await tx.waitUsed(1);
     expect(tapStat('rx_packets') - before).toBe(2);
+  });
+
+  it('started and disabled, the pair consumes and discards TX and supplies no RX; enabled again it carries both ways', async () => {
+    const before = tapStat('rx_packets');
+    for (const q of [rx, tx]) await fe.setVringEnable(q.index, false);
+    const rxBuf = mem.alloc(2048);
+    const rxHead = rx.submit([{ gpa: rxBuf, len: 2048, write: true }]);
+    rx.kick();
+    inject(1);
+    for (let i = 0; i < 3; i++) sendFrame();
+    tx.kick();
+    const discarded = await tx.waitUsed(3);
+    expect(discarded.map((u) => u.len)).toEqual([0, 0, 0]);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(tapStat('rx_packets') - before).toBe(0);
+    expect(rx.collect()).toEqual([]); // the injected packet waits in the tap
+    for (const q of [rx, tx]) await fe.setVringEnable(q.index, true);
+    const [u] = await rx.waitUsed(1);
+    expect(u).toEqual({ id: rxHead, len: HDR + FRAME.length });
+    expect(Buffer.from(mem.read(rxBuf + HDR, FRAME.length)).equals(Buffer.from(FRAME))).toBe(true);
+    sendFrame();
+    tx.kick();
+    await tx.waitUsed(1);
+    expect(tapStat('rx_packets') - before).toBe(1);
+    fe.close();
+    await daemon.stop();
+    const [t] = netTotals(daemon.output());
+    expect(t).toMatchObject({ txPackets: 1, txDiscarded: 3, txDropped: 0, rxPackets: 1 });
   });
 
   it('connections in a row leave no guest memory mapped and no fd open', async () => {
@@ -287,14 +316,17 @@ print(s.recv(2048).hex(), flush=True)
       for (let i = 0; i < 400 && tapStat('rx_packets') < baseTx + sent; i++) await new Promise((r) => setTimeout(r, 5));
       expect(tapStat('rx_packets') - baseTx).toBe(sent);
     };
+    let discarded = 0;
     const restart = async (): Promise<void> => {
+      // Enabled before the kick starts them, so frames sent while stopped go out (a TX ring
+      // started disabled would discard them, depending on when the enable arrives).
       for (const q of [rx, tx]) {
         await fe.setVringNum(q.index, q.size);
         await fe.setVringBase(q.index, q.base);
         await fe.setVringAddr({ index: q.index, ...q.addrs() });
-        await fe.setVringKick(q.index, q.kickFd);
-        await fe.setVringCall(q.index, q.callFd);
         await fe.setVringEnable(q.index, true);
+        await fe.setVringCall(q.index, q.callFd);
+        await fe.setVringKick(q.index, q.kickFd);
       }
       running = true;
     };
@@ -324,6 +356,13 @@ print(s.recv(2048).hex(), flush=True)
         native.close(old);
       } else if (op === 'toggle' && running) {
         await fe.setVringEnable(1, false);
+        if (rng.chance(0.5)) {
+          // Disabled, the ring takes the frame and discards it.
+          sendFrame();
+          discarded++;
+          tx.kick();
+          await tx.waitUsed(1, 5_000);
+        }
         await fe.setVringEnable(1, true);
       } else if (op === 'reconnect') {
         // The next front-end starts from scratch.
@@ -344,6 +383,10 @@ print(s.recv(2048).hex(), flush=True)
     if (tx.outstanding) await tx.waitUsed(tx.outstanding, 5_000);
     await expectSent();
     expect(fdCount(pid)).toBeGreaterThan(0);
+    fe.close();
+    await daemon.stop();
+    const [t] = netTotals(daemon.output());
+    expect(t).toMatchObject({ txPackets: sent, txDiscarded: discarded, txDropped: 0 });
     expect(daemon.output()).not.toMatch(/internal error|queue thread died/);
   });
 

@@ -18,6 +18,8 @@ export interface NetStats {
   txPackets: number;
   txBytes: number;
   txDropped: number;
+  /** Sent while the TX ring was disabled: consumed and discarded, as the spec asks. */
+  txDiscarded: number;
   rxPackets: number;
   rxBytes: number;
   rxDropped: number;
@@ -25,7 +27,7 @@ export interface NetStats {
   rxNoBuffer: number;
 }
 
-export const noStats = (): NetStats => ({ txPackets: 0, txBytes: 0, txDropped: 0, rxPackets: 0, rxBytes: 0, rxDropped: 0, rxNoBuffer: 0 });
+export const noStats = (): NetStats => ({ txPackets: 0, txBytes: 0, txDropped: 0, txDiscarded: 0, rxPackets: 0, rxBytes: 0, rxDropped: 0, rxNoBuffer: 0 });
 
 /** What the negotiated features make of the data path; the device hands it over at each ring start. */
 export interface PairSetup {
@@ -78,7 +80,7 @@ export class QueuePair {
     }
     this.tx = q;
     this.txBlocked = false;
-    return { kick: () => this.txPump(), tolerateBadChains: true };
+    return { kick: () => this.txPump(), tolerateBadChains: true, serveWhileDisabled: true };
   }
 
   /** A ring stopped and drained. Returns the counters once both are down. */
@@ -138,13 +140,24 @@ export class QueuePair {
   /** Guest to tap: each chain is one vnet header + frame, written with one writev. */
   private txPump(): void {
     const q = this.tx;
-    if (!q || this.txBlocked) return;
+    if (!q) return;
+    if (this.txBlocked && !q.enabled) {
+      // Disabled, nothing is written: no need to wait for the tap.
+      this.txBlocked = false;
+      this.update();
+    }
+    if (this.txBlocked) return;
     const { hdrLen, tapFd } = this.s;
     const chain = new Chain();
     const maxLen = hdrLen + MAX_GSO_FRAME;
     for (;;) {
       for (let n = 0; n < BUDGET; n++) {
         if (!q.pop(chain)) break;
+        if (!q.enabled) {
+          this.stats.txDiscarded++;
+          q.complete(chain.head, 0);
+          continue;
+        }
         if (chain.error) {
           this.drop('tx', `malformed chain: ${chain.error}`);
           q.complete(chain.head, 0);
