@@ -20,6 +20,8 @@ const run = available || process.env.CI === 'true' ? describe : describe.skip;
 interface Testpmd {
   /** `stop`: its lcores stop sending and receiving; resolves to the forward statistics it then prints. */
   stopForwarding(): Promise<{ rx: number; tx: number }>;
+  /** `show port stats 0`: what its port has received and sent so far. */
+  portStats(): Promise<{ rx: number; tx: number }>;
   /** `quit`: it stops and closes its port (GET_VRING_BASE) and exits. */
   quit(): Promise<void>;
   /** Cleanup after a failed test. */
@@ -75,6 +77,10 @@ async function startTestpmd(socket: string, mode: 'txonly' | 'rxonly'): Promise<
       const m = await until('forward statistics', /RX-packets:\s+(\d+)[\s\S]*?TX-packets:\s+(\d+)[\s\S]*?Done\./, command('stop'));
       return { rx: Number(m[1]), tx: Number(m[2]) };
     },
+    async portStats() {
+      const m = await until('port statistics', /NIC statistics for port 0[\s\S]*?RX-packets:\s+(\d+)[\s\S]*?TX-packets:\s+(\d+)\s/, command('show port stats 0'));
+      return { rx: Number(m[1]), tx: Number(m[2]) };
+    },
     async quit() {
       command('quit');
       const t = setTimeout(() => child.kill('SIGKILL'), 20_000);
@@ -88,9 +94,9 @@ async function startTestpmd(socket: string, mode: 'txonly' | 'rxonly'): Promise<
   };
 }
 
-async function waitFor(what: string, cond: () => boolean, timeoutMs = 30_000): Promise<void> {
+async function waitFor(what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
+  while (!(await cond())) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 100));
   }
@@ -143,7 +149,6 @@ run('vhostd net with DPDK testpmd as the front-end', () => {
     // Paced injection and a longer tap queue: the kernel must not drop a burst before vhostd reads it.
     ns.ip(`link set ${TAP} txqueuelen 10000`);
     pmd = await startTestpmd(daemon.socket, 'rxonly');
-    await new Promise((r) => setTimeout(r, 1000));
     const inject = `
 import socket, struct, time
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
@@ -155,7 +160,7 @@ for i in range(${INJECT}):
 `;
     ns.sh(`python3 -c '${inject}'`);
     await waitFor('all packets through vhostd', () => tapStat('tx_packets') >= INJECT, 30_000);
-    await new Promise((r) => setTimeout(r, 1500));
+    await waitFor(`testpmd to receive ${INJECT} packets`, async () => (await pmd!.portStats()).rx >= INJECT, 30_000);
     const { rx } = await pmd.stopForwarding();
     await pmd.quit();
     const fromTap = tapStat('tx_packets');
