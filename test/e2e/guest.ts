@@ -213,9 +213,12 @@ export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
       .filter(Boolean)
       .join(' ');
     const args = [
-      '-accel', 'tcg',
+      // QEMU 7.2's TCG drops the guest's memory barriers unless the machine may have more than one
+      // vCPU (fixed upstream in 8.1). A vhost-user back-end runs beside the vCPU, so the guest's
+      // virtio barriers must be real, or it sometimes misses a kick and the queue stalls: maxcpus=2.
+      '-accel', 'tcg,thread=multi',
       '-nographic', '-nodefaults', '-no-user-config', '-no-reboot',
-      '-m', memory, '-smp', String(smp),
+      '-m', memory, '-smp', `${smp},maxcpus=${Math.max(2, smp)}`,
       // vhost-user back-ends map guest RAM, so it must be a shareable fd.
       '-object', `memory-backend-memfd,id=mem,size=${memory},share=on`,
       '-numa', 'node,memdev=mem',
