@@ -158,7 +158,7 @@ export class Vring implements Virtqueue {
 
   /** Chains may be taken: active, or started and disabled with a handler that serves that state. */
   private get serving(): boolean {
-    return this.active || (this.ring !== undefined && !this.failed && !this.stopping && this.handler?.serveWhileDisabled === true);
+    return this.ring !== undefined && !this.failed && !this.stopping && (this.enabled || this.handler?.serveWhileDisabled === true);
   }
 
   setEnabled(on: boolean): void {
