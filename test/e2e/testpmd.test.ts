@@ -10,6 +10,11 @@ import { netTotals, startVhostdNet, type Backend } from './daemons.js';
 import { hasCommand } from './guest.js';
 import { Netns } from './netns.js';
 import { forget, remember } from '../support/children.js';
+import { waitFor as pollFor } from '../protocol/helpers.js';
+
+/** Polls that run commands (ip netns exec, testpmd's prompt): every 100 ms, not every millisecond. */
+const waitFor = (what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<void> =>
+  pollFor(cond, what, timeoutMs, 100);
 
 const TAP = 'vtpmd0';
 const INJECT = 5000;
@@ -92,14 +97,6 @@ async function startTestpmd(socket: string, mode: 'txonly' | 'rxonly'): Promise<
       await closed;
     },
   };
-}
-
-async function waitFor(what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
 }
 
 run('vhostd net with DPDK testpmd as the front-end', () => {

@@ -39,11 +39,11 @@ export function isZero(b: Uint8Array): boolean {
 }
 
 /** Poll a condition; fail with `what` after timeoutMs. */
-export async function waitFor(cond: () => boolean, what: string, timeoutMs = 10_000): Promise<void> {
+export async function waitFor(cond: () => boolean | Promise<boolean>, what: string, timeoutMs = 10_000, intervalMs = 1): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
+  while (!(await cond())) {
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 1));
+    await new Promise((r) => setTimeout(r, intervalMs));
   }
 }
 
