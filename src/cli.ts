@@ -6,6 +6,7 @@ import yargs from 'yargs';
 import { BlkDevice, MAX_QUEUE_SIZE } from './backends/blk/blk-device.js';
 import { Image } from './backends/blk/image.js';
 import { NetDevice } from './backends/net/net-device.js';
+import { Placement } from './ring/placement.js';
 import { Tap } from './backends/net/tap.js';
 import type { Device } from './device.js';
 import { Server } from './protocol/server.js';
@@ -54,14 +55,15 @@ export function qemuNetCommandLine(socket: string, pairs: number, mtu?: number):
 }
 
 /** Listen, print how to attach, serve until SIGTERM/SIGINT, then drain and release. */
-async function serve(device: Device, socket: string, client: boolean, log: Logger, attach: string, release: () => void | Promise<void>): Promise<number> {
-  const server = new Server(socket, device, log);
+async function serve(device: Device, placement: Placement, socket: string, client: boolean, log: Logger, attach: string, release: () => void | Promise<void>): Promise<number> {
+  const server = new Server(socket, device, placement, log);
   if (client) {
     server.connect();
   } else {
     try {
       server.listen();
     } catch (e) {
+      await placement.close();
       await release();
       throw new UsageError(`cannot listen on ${socket}: ${(e as Error).message}`);
     }
@@ -75,6 +77,7 @@ async function serve(device: Device, socket: string, client: boolean, log: Logge
   });
   log.info({ signal }, 'shutting down: draining requests in flight');
   await server.close();
+  await placement.close();
   await release();
   log.info('stopped');
   log.flush();
@@ -110,7 +113,9 @@ async function runBlk(args: BlkArgs): Promise<number> {
     log,
   );
   log.info({ file: args.file, bytes: image.size, readonly: args.readonly, direct: image.direct }, 'image opened');
-  return serve(device, args.socket, args.client, log, qemuCommandLine(args.socket, args.numQueues), () => image.close());
+  // blk queues share the daemon's thread: their file I/O already runs on libuv's pool.
+  const placement = new Placement(device, { threads: 0, logLevel: args.logLevel, name: 'blk' });
+  return serve(device, placement, args.socket, args.client, log, qemuCommandLine(args.socket, args.numQueues), () => image.close());
 }
 
 interface NetArgs {
@@ -143,10 +148,10 @@ async function runNet(args: NetArgs): Promise<number> {
     }
   }
   log.info({ tap: tap.name, created: tap.created, persist: args.persist, queuePairs: args.numQueues, threads: args.threads ?? args.numQueues }, 'tap opened');
-  const device = new NetDevice({ tap, queuePairs: args.numQueues, threads: args.threads, mtu: args.mtu, logLevel: args.logLevel }, log);
-  return serve(device, args.socket, args.client, log, qemuNetCommandLine(args.socket, args.numQueues, args.mtu), async () => {
+  const device = new NetDevice({ tap, queuePairs: args.numQueues, mtu: args.mtu }, log);
+  const placement = new Placement(device, { threads: args.threads ?? args.numQueues, logLevel: args.logLevel, name: 'net' });
+  return serve(device, placement, args.socket, args.client, log, qemuNetCommandLine(args.socket, args.numQueues, args.mtu), async () => {
     log.info({ stats: device.stats }, 'traffic totals');
-    await device.close();
     tap.close();
   });
 }

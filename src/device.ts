@@ -1,15 +1,17 @@
 // The contract between the vhost-user protocol layer and a device back-end.
-// Back-ends see virtqueues and config space; never sockets or messages.
-import type { QueueThread } from './ring/queue-thread.js';
-import type { QueueOwner, Virtqueue, Vring, VringHandler } from './ring/vring.js';
+// Back-ends see virtqueues (through the ring layer's executor) and config
+// space; never sockets or messages.
+import type { QueueRunnerSource } from './ring/placement.js';
 
-export const VIRTIO_F_NOTIFY_ON_EMPTY = 24;
-export const VIRTIO_F_ANY_LAYOUT = 27;
-export const VIRTIO_RING_F_INDIRECT_DESC = 28;
-export const VIRTIO_RING_F_EVENT_IDX = 29;
-export const VIRTIO_F_VERSION_1 = 32;
+export {
+  VIRTIO_F_ANY_LAYOUT,
+  VIRTIO_F_NOTIFY_ON_EMPTY,
+  VIRTIO_F_VERSION_1,
+  VIRTIO_RING_F_EVENT_IDX,
+  VIRTIO_RING_F_INDIRECT_DESC,
+} from './features.js';
 
-export interface Device extends QueueOwner {
+export interface Device extends QueueRunnerSource {
   /** Short name for logs: "blk", "net". */
   readonly kind: string;
   /** Virtqueues the front-end may configure. */
@@ -28,15 +30,8 @@ export interface Device extends QueueOwner {
   readConfig(offset: number, size: number): Uint8Array | undefined;
   /** Write config space; returns an error message when the write is refused. */
   writeConfig(offset: number, data: Uint8Array): string | undefined;
-  /** A queue starts on the daemon's thread: return who handles its kicks. */
-  startQueue(q: Vring): VringHandler;
-  /**
-   * The thread that runs queue `index`, or undefined to run it on the daemon's
-   * thread. A threaded queue starts through queueSetup() and the thread's runner.
-   */
-  queueThread?(index: number): QueueThread | undefined;
-  /** A queue stopped and drained; the device forgets it. */
-  stopQueue(q: Virtqueue): void;
+  /** Queue `index` stopped and drained; `report` is what its runner said when it stopped. */
+  stopQueue(index: number, report: unknown): void;
   /** Back to the state right after construction (front-end gone or reset). */
   reset(): void;
   /** NET_SET_MTU; returns an error message when the MTU is refused. */

@@ -4,14 +4,15 @@
 // GET_VRING_BASE does for requests in flight).
 import type { Logger } from 'pino';
 import type { Device } from '../device.js';
-import { VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from '../device.js';
 import { native, EAGAIN, EINTR, MFD_CLOEXEC, POLL_READABLE, type WatchHandle } from '../native/index.js';
 import { ftruncateSync } from 'node:fs';
 import { GuestMemory, MemoryError } from '../ring/guest-memory.js';
 import { InflightArea, InflightError, inflightQueueBytes } from '../ring/inflight.js';
-import { RingError, MAX_QUEUE_SIZE } from '../ring/split-ring.js';
-import { RemoteVring } from '../ring/queue-thread.js';
-import { Vring, type Virtqueue } from '../ring/vring.js';
+import { ringFeatures } from '../features.js';
+import { MAX_QUEUE_SIZE } from '../limits.js';
+import type { Placement } from '../ring/placement.js';
+import { Queue, type Virtqueue } from '../ring/queue.js';
+import { RingError } from '../ring/ring.js';
 import {
   bit,
   decodeConfig,
@@ -92,13 +93,11 @@ export class Connection {
   constructor(
     private readonly fd: number,
     private readonly device: Device,
+    placement: Placement,
     log: Logger,
   ) {
     this.log = log;
-    this.vrings = Array.from({ length: device.numQueues }, (_, i) => {
-      const thread = device.queueThread?.(i);
-      return thread ? new RemoteVring(i, this.mem, thread, log) : new Vring(i, this.mem, log);
-    });
+    this.vrings = Array.from({ length: device.numQueues }, (_, i) => new Queue(i, this.mem, placement.host(i, this.mem, log), log));
     this.reading = { buf: this.header, got: 0, fds: [] };
     this.closedPromise = new Promise((r) => (this.resolveClosed = r));
     this.watch = native.watch(fd, POLL_READABLE, () => this.onReadable());
@@ -368,7 +367,7 @@ export class Connection {
         const wasStarted = v.started;
         const next = await v.stop();
         if (this.closed) return; // close() stopped it too, and told the device
-        if (wasStarted) this.device.stopQueue(v);
+        if (wasStarted) this.device.stopQueue(v.index, v.report);
         this.log.debug({ queue: s.index, base: next }, 'queue stopped');
         this.send(request, encodeVringState({ index: s.index, num: next }));
         return;
@@ -389,7 +388,7 @@ export class Connection {
             // A new kick fd for a running ring: finish what is in flight first.
             await v.stop();
             if (this.closed) return;
-            this.device.stopQueue(v);
+            this.device.stopQueue(v.index, v.report);
           }
           v.setKick(nofd ? null : this.takeFd(msg));
           this.startRing(v);
@@ -502,14 +501,7 @@ export class Connection {
     if (!this.featuresSet) this.log.warn({ queue: v.index }, 'ring started before SET_FEATURES');
     const f = this.ackedFeatures;
     // A ring that cannot start (rings outside memory, an unpollable kick fd) fails itself.
-    v.start(
-      {
-        eventIdx: (f & bit(VIRTIO_RING_F_EVENT_IDX)) !== 0n,
-        indirect: (f & bit(VIRTIO_RING_F_INDIRECT_DESC)) !== 0n,
-        notifyOnEmpty: (f & bit(VIRTIO_F_NOTIFY_ON_EMPTY)) !== 0n,
-      },
-      this.device,
-    );
+    v.start(ringFeatures(f));
     this.log.debug({ queue: v.index, size: v.size, base: v.base }, 'queue started');
   }
 
@@ -555,7 +547,7 @@ export class Connection {
       if (v.started) {
         await v.stop();
         if (this.closed) throw new ConnectionClosed(); // close() finishes the teardown
-        this.device.stopQueue(v);
+        this.device.stopQueue(v.index, v.report);
       }
       v.reset();
     }
@@ -586,7 +578,7 @@ export class Connection {
       for (const v of this.vrings) {
         if (v.started) {
           await v.stop();
-          this.device.stopQueue(v);
+          this.device.stopQueue(v.index, v.report);
         }
         v.reset();
       }

@@ -5,6 +5,7 @@ import type { Logger } from 'pino';
 import type { Device } from '../device.js';
 import { native, EAGAIN, POLL_READABLE, type WatchHandle } from '../native/index.js';
 import { Connection } from './connection.js';
+import type { Placement } from '../ring/placement.js';
 
 export class SocketInUseError extends Error {}
 
@@ -47,6 +48,7 @@ export class Server {
   constructor(
     readonly path: string,
     private readonly device: Device,
+    private readonly placement: Placement,
     private readonly log: Logger,
   ) {}
 
@@ -104,7 +106,7 @@ export class Server {
 
   private adopt(fd: number): Connection {
     const id = ++this.connections;
-    const conn = new Connection(fd, this.device, this.log.child({ conn: id }));
+    const conn = new Connection(fd, this.device, this.placement, this.log.child({ conn: id }));
     this.conn = conn;
     this.log.info({ conn: id }, 'front-end connected');
     void conn.done.then(() => {

@@ -147,7 +147,7 @@ export class GuestMemory {
       }
       const windows = windowsOver(mapAddress + BigInt(skew), size);
       const region: Region = { gpa, size, uva, mmapOffset, fd: spec.fd, skew, mapAddress, mapLength, windows, refs: 1 };
-      this.regions.push(region);
+      this.insert(region);
       this.generation = nextGeneration();
       return region;
     } catch (e) {
@@ -170,7 +170,7 @@ export class GuestMemory {
     this.clear();
     for (const r of regions) {
       const windows = windowsOver(r.address, r.size);
-      this.regions.push({ gpa: r.gpa, size: r.size, uva: r.uva, mmapOffset: r.mmapOffset, fd: -1, skew: 0, mapAddress: r.address, mapLength: 0, windows, refs: 1 });
+      this.insert({ gpa: r.gpa, size: r.size, uva: r.uva, mmapOffset: r.mmapOffset, fd: -1, skew: 0, mapAddress: r.address, mapLength: 0, windows, refs: 1 });
     }
     this.generation = nextGeneration();
   }
@@ -209,11 +209,25 @@ export class GuestMemory {
 
   private last: Region | undefined;
 
+  /** Keep regions sorted by guest address: lookups are a binary search over up to MAX_MEM_SLOTS regions. */
+  private insert(r: Region): void {
+    let i = this.regions.length;
+    while (i > 0 && this.regions[i - 1]!.gpa > r.gpa) i--;
+    this.regions.splice(i, 0, r);
+  }
+
   private findGpa(gpa: number): Region | undefined {
     const l = this.last;
     if (l && gpa >= l.gpa && gpa < l.gpa + l.size) return l;
-    for (const r of this.regions) {
-      if (gpa >= r.gpa && gpa < r.gpa + r.size) return (this.last = r);
+    const rs = this.regions;
+    let lo = 0;
+    let hi = rs.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      const r = rs[mid]!;
+      if (gpa < r.gpa) hi = mid - 1;
+      else if (gpa >= r.gpa + r.size) lo = mid + 1;
+      else return (this.last = r);
     }
     return undefined;
   }
@@ -258,6 +272,22 @@ export class GuestMemory {
   }
 
   /**
+   * A view of the first contiguous piece of [gpa, gpa+len): up to len bytes,
+   * ending early at a window or region boundary. Undefined when gpa is outside
+   * guest memory. The caller walks on from gpa + view.length.
+   */
+  slice(gpa: number, len: number): Uint8Array | undefined {
+    const r = this.findGpa(gpa);
+    if (!r) return undefined;
+    const off = gpa - r.gpa;
+    const k = Math.floor(off / WINDOW_SIZE);
+    const inWin = off - k * WINDOW_SIZE;
+    // Only up to the window's own end (not into the overlap) or the region end.
+    const n = Math.min(len, WINDOW_SIZE - inWin, r.size - off);
+    return r.windows[k]!.subarray(inWin, inWin + n);
+  }
+
+  /**
    * Append views of [gpa, gpa+len) to `out`, one per contiguous piece. Pieces
    * split at window and region boundaries. Returns false, appending nothing,
    * when any byte lies outside guest memory.
@@ -266,23 +296,17 @@ export class GuestMemory {
     if (len === 0) return true;
     if (gpa + len > MAX_ADDRESS) return false;
     const mark = out.length;
-    let addr = gpa;
-    let left = len;
-    while (left > 0) {
-      const r = this.findGpa(addr);
-      if (!r) {
+    for (let addr = gpa, left = len; left > 0; ) {
+      const v = this.slice(addr, left);
+      if (!v) {
         out.length = mark;
         return false;
       }
-      const off = addr - r.gpa;
-      const k = Math.floor(off / WINDOW_SIZE);
-      const inWin = off - k * WINDOW_SIZE;
-      // Take only up to the window's own end (not the overlap) or the region end.
-      const n = Math.min(left, WINDOW_SIZE - inWin, r.size - off);
-      out.push(r.windows[k]!.subarray(inWin, inWin + n));
-      addr += n;
-      left -= n;
+      out.push(v);
+      addr += v.length;
+      left -= v.length;
     }
     return true;
   }
+
 }

@@ -7,7 +7,7 @@
 // {u8 inflight, u8 pad[5], u16 next, u64 counter}, padded to 64 bytes.
 import { fstatSync } from 'node:fs';
 import { native, PROT_READ, PROT_WRITE } from '../native/index.js';
-import { u16 } from './split-ring.js';
+import { u16 } from './ring.js';
 
 const ALIGN = 64;
 const HEADER = 16;
@@ -159,14 +159,14 @@ export class InflightQueue {
     this.dv.setUint16(OFF_LAST_BATCH, head, true);
   }
 
-  /** After the used ring is published: the batch is done. */
-  completed(heads: readonly number[], usedIdx: number): void {
-    for (const h of heads) this.dv.setUint8(HEADER + h * ENTRY, 0);
+  /** After the used ring is published: the chain is no longer in flight. */
+  done(head: number): void {
+    this.dv.setUint8(HEADER + head * ENTRY, 0);
+  }
+
+  /** After every done() of a batch: the record has caught up with used->idx. */
+  caughtUp(usedIdx: number): void {
     this.dv.setUint16(OFF_USED_IDX, usedIdx, true);
   }
 
-  /** A chain taken but handed back unused (net RX). */
-  returned(head: number): void {
-    this.dv.setUint8(HEADER + head * ENTRY, 0);
-  }
 }

@@ -1,32 +1,19 @@
-// Queues whose data path runs on a worker thread of their own, so that a
-// device's queues (net queue pairs) are serviced in parallel.
+// Queue threads: worker threads that run executors, so that a device's queues
+// (net queue pairs) are serviced in parallel.
 //
 // The daemon's thread keeps the protocol, the mapping of guest memory and
 // every fd the front-end sent; it alone closes them. A queue thread gets, per
 // ring start: views of that mapping (never a mapping of its own), the numbers
 // of the kick/call/err fds (borrowed), the ring's configuration and the
-// device's setup for it. It runs an ordinary Vring against them with the data
-// path a device module provides (see QueueRunner). Anything the thread can see
-// is unmapped or closed only after the thread has said it let go of it: a stop
-// (GET_VRING_BASE, memory changes, resets, disconnects) waits for the thread's
-// ring to drain, and a call/err fd swap waits for the thread to switch.
+// device's setup for it, and runs an ordinary QueueExecutor with the runner
+// the device's module provides. Anything the thread can see is unmapped or
+// closed only after the thread has said it let go of it: a halt waits for the
+// thread's executor to drain, and a call/err fd swap waits for it to switch.
 import { Worker } from 'node:worker_threads';
-import { native } from '../native/index.js';
+import type { RingConfig, QueueLogger } from './executor.js';
 import type { GuestMemory, SharedRegion } from './guest-memory.js';
 import type { InflightQueue } from './inflight.js';
-import type { RingAddresses, RingFeatures } from './split-ring.js';
-import type { QueueOwner, Virtqueue, VringHandler, VringLogger, Vring } from './vring.js';
-
-/**
- * A device's data path as a queue thread runs it. The device names a module
- * whose `createRunner(log)` returns one; the thread calls it once.
- */
-export interface QueueRunner {
-  /** A queue starts on this thread: return who handles its kicks. `setup` is the device's queueSetup(). */
-  start(q: Vring, setup: unknown): VringHandler;
-  /** The queue stopped and drained; the result is posted back to the device (stats, say). */
-  stop(q: Vring): unknown;
-}
+import type { QueueHost } from './queue.js';
 
 export interface QueueThreadOptions {
   /** Module (a file URL) exporting `createRunner(log): QueueRunner`. */
@@ -41,20 +28,11 @@ export interface QueueThreadOptions {
 export type ToThread =
   | {
       op: 'start';
-      index: number;
-      size: number;
-      base: number;
-      addrs: RingAddresses;
-      features: RingFeatures;
-      enabled: boolean;
-      /** The daemon's fds, -1 for none: the thread uses them and never closes them. */
-      kick: number;
-      call: number;
-      err: number;
+      cfg: RingConfig;
       memory: SharedRegion[];
       memoryVersion: number;
       setup: unknown;
-      /** A real start (not a resume after a memory change): one catch-up interrupt. */
+      /** A real start (not a resume after a memory change): recovery and one catch-up interrupt. */
       fresh: boolean;
       logBindings: Record<string, unknown>;
     }
@@ -84,15 +62,15 @@ type Answer = Extract<FromThread, { seq: number }>;
  */
 export class QueueThread {
   private worker: Worker | undefined;
-  private readonly queues = new Map<number, RemoteVring>();
-  private readonly pending = new Map<number, { index: number; resolve: (a: Answer | undefined) => void }>();
+  private readonly hosts = new Map<number, ThreadHost>();
+  private readonly pending = new Map<number, { resolve: (a: Answer | undefined) => void }>();
   private seq = 0;
 
   constructor(private readonly opts: QueueThreadOptions) {}
 
-  /** Register the daemon-side half of queue `index` (replacing an earlier connection's). */
-  attach(q: RemoteVring): void {
-    this.queues.set(q.index, q);
+  /** Register the host of queue `index` (replacing an earlier connection's). */
+  attach(h: ThreadHost): void {
+    this.hosts.set(h.index, h);
   }
 
   post(msg: ToThread): void {
@@ -106,7 +84,7 @@ export class QueueThread {
   ): Promise<Answer | undefined> {
     const seq = ++this.seq;
     return new Promise((resolve) => {
-      this.pending.set(seq, { index: msg.index, resolve });
+      this.pending.set(seq, { resolve });
       this.post({ ...msg, seq } as ToThread);
     });
   }
@@ -119,7 +97,7 @@ export class QueueThread {
     const w = this.worker;
     if (!w) return;
     let busy = this.pending.size > 0;
-    for (const q of this.queues.values()) busy ||= q.busy;
+    for (const h of this.hosts.values()) busy ||= h.busy;
     if (busy) w.ref();
     else w.unref();
   }
@@ -130,7 +108,7 @@ export class QueueThread {
     const w = new Worker(new URL('./queue-thread-worker.js', import.meta.url), { workerData: init, name: this.opts.name });
     w.on('message', (m: FromThread) => {
       if (this.worker !== w) return; // a dead worker's last words
-      if (m.op === 'failed') this.queues.get(m.index)?.threadFailed(m.reason);
+      if (m.op === 'failed') this.hosts.get(m.index)?.threadFailed(m.reason);
       else this.answer(m.seq, m);
       this.updateRef();
     });
@@ -150,7 +128,7 @@ export class QueueThread {
     if (this.worker !== w) return;
     this.worker = undefined;
     const reason = `queue thread ${this.opts.name} died: ${e.message}`;
-    for (const q of this.queues.values()) q.threadDied(reason);
+    for (const h of this.hosts.values()) h.threadDied(reason);
     for (const seq of [...this.pending.keys()]) this.answer(seq, undefined);
   }
 
@@ -161,195 +139,82 @@ export class QueueThread {
   }
 }
 
-/**
- * The daemon-side half of a queue that runs on a QueueThread: it holds the
- * configuration and owns the front-end's fds, and turns the lifecycle into
- * messages. Mirrors Vring's rules (see there).
- */
-export class RemoteVring implements Virtqueue {
-  size = 0;
-  base = 0;
-  addrs: RingAddresses | undefined;
-  enabled = false;
-  failed: string | undefined;
-  inflightRecord: InflightQueue | undefined;
-  /** What the thread's runner said when the ring last stopped. */
+/** The daemon's side of a queue placed on a QueueThread: the lifecycle's host, as messages. */
+export class ThreadHost implements QueueHost {
+  onFailed: ((reason: string) => void) | undefined;
   report: unknown;
-
-  private kickFd = -1;
-  private kickReady = false;
-  private callFd = -1;
-  private errFd = -1;
-  private features: RingFeatures | undefined;
-  private setup: unknown;
-  private isStarted = false;
-  /** The ring runs on the thread (started, not quiesced, not failed at start). */
+  /** The executor runs on the thread (between start and the answer to its stop). */
   private running = false;
-  /** A stop on its way: whoever else needs the ring stopped waits for the same one. */
-  private halting: Promise<void> | undefined;
+  private stopping = false;
 
   constructor(
     readonly index: number,
     private readonly mem: GuestMemory,
     private readonly thread: QueueThread,
-    private readonly log: VringLogger & { bindings?(): Record<string, unknown> },
+    private readonly log: QueueLogger & { bindings?(): Record<string, unknown> },
+    private readonly setup: () => unknown,
   ) {
     thread.attach(this);
   }
 
-  get started(): boolean {
-    return this.isStarted;
-  }
-
-  /** Running on the thread, or being stopped there. */
   get busy(): boolean {
-    return this.running || this.halting !== undefined;
+    return this.running;
   }
 
-  get configured(): boolean {
-    return this.kickReady && this.size > 0 && this.addrs !== undefined && this.mem.regionCount > 0;
-  }
-
-  /** Settles once the thread's ring has switched, so a reply to the front-end comes after it. */
-  async setEnabled(on: boolean): Promise<void> {
-    this.enabled = on;
-    if (this.running) await this.thread.request({ op: 'enable', index: this.index, on });
-  }
-
-  setKick(fd: number | null): void {
-    // Only ever called with the ring stopped: the thread holds no kick fd now.
-    if (this.kickFd >= 0) native.close(this.kickFd);
-    this.kickFd = fd ?? -1;
-    this.kickReady = true;
-  }
-
-  setCall(fd: number | null): Promise<void> {
-    return this.replaceFd('call', fd);
-  }
-
-  setErr(fd: number | null): Promise<void> {
-    return this.replaceFd('err', fd);
-  }
-
-  /** A running ring switches first; the old fd is closed once the thread no longer writes it. */
-  private async replaceFd(which: 'call' | 'err', fd: number | null): Promise<void> {
-    const old = which === 'call' ? this.callFd : this.errFd;
-    if (which === 'call') this.callFd = fd ?? -1;
-    else this.errFd = fd ?? -1;
-    if (this.running) await this.thread.request({ op: which, index: this.index, fd: fd ?? -1 });
-    if (old >= 0) native.close(old);
-  }
-
-  start(features: RingFeatures, owner: QueueOwner): void {
-    if (!owner.queueSetup) throw new Error(`queue ${this.index} runs on a thread, but its device has no queueSetup()`);
-    this.isStarted = true;
-    this.failed = undefined;
-    if (this.inflightRecord) {
-      this.fail('INFLIGHT_SHMFD is not supported for queues on threads');
+  start(cfg: RingConfig, inflight: InflightQueue | undefined, fresh: boolean): void {
+    if (inflight) {
+      // The inflight record is mapped on the daemon's thread only.
+      this.log.error({ queue: this.index, reason: 'INFLIGHT_SHMFD is not supported for queues on threads' }, 'virtqueue failed; it stays stopped until the front-end resets it');
+      this.onFailed?.('INFLIGHT_SHMFD is not supported for queues on threads');
       return;
     }
-    this.features = features;
-    this.setup = owner.queueSetup(this.index);
-    this.launch(true);
-  }
-
-  private launch(fresh: boolean): void {
     this.running = true;
     this.thread.post({
       op: 'start',
-      index: this.index,
-      size: this.size,
-      base: this.base,
-      addrs: this.addrs!,
-      features: this.features!,
-      enabled: this.enabled,
-      kick: this.kickFd,
-      call: this.callFd,
-      err: this.errFd,
+      cfg,
       memory: this.mem.shared(),
       memoryVersion: this.mem.version,
-      setup: this.setup,
+      setup: this.setup(),
       fresh,
       logBindings: this.log.bindings?.() ?? {},
     });
   }
 
-  /** The thread drains its ring and lets go of everything; the next avail index comes back. */
-  private halt(): Promise<void> {
-    if (this.halting) return this.halting;
-    if (!this.running) return Promise.resolve();
-    this.running = false;
-    this.halting = (async () => {
+  async halt(): Promise<number | 'lost' | undefined> {
+    if (!this.running) return undefined;
+    this.stopping = true;
+    try {
       const a = await this.thread.request({ op: 'stop', index: this.index });
-      if (a?.op === 'stopped') {
-        if (a.base !== undefined) this.base = a.base;
-        this.report = a.report;
-      } else {
-        // The thread died with the ring: what the guest saw completed is all that is known.
-        this.base = this.usedIndex() ?? this.base;
-      }
-      this.halting = undefined;
-    })();
-    return this.halting;
+      if (a?.op !== 'stopped') return 'lost';
+      this.report = a.report;
+      return a.base;
+    } finally {
+      this.running = false;
+      this.stopping = false;
+    }
   }
 
-  /** used->idx as the guest sees it, if the ring is still in guest memory. */
-  private usedIndex(): number | undefined {
-    const p = this.addrs && this.mem.smallByUva(this.addrs.used, 4);
-    return p ? p.bytes[p.offset + 2]! | (p.bytes[p.offset + 3]! << 8) : undefined;
+  async setEnabled(on: boolean): Promise<void> {
+    if (this.running && !this.stopping) await this.thread.request({ op: 'enable', index: this.index, on });
   }
 
-  async quiesce(): Promise<void> {
-    await this.halt();
-  }
-
-  resume(): void {
-    if (this.isStarted && !this.running && !this.failed) this.launch(false);
-  }
-
-  async stop(): Promise<number> {
-    await this.halt();
-    this.isStarted = false;
-    this.kickReady = false;
-    return this.base;
+  async setFd(which: 'call' | 'err', fd: number): Promise<void> {
+    if (this.running && !this.stopping) await this.thread.request({ op: which, index: this.index, fd });
   }
 
   fail(reason: string): void {
-    if (this.failed) return;
-    if (this.running) {
-      // The thread's ring logs it and signals the err fd, then reports back.
-      this.thread.post({ op: 'fail', index: this.index, reason });
-      return;
-    }
-    this.failed = reason;
-    this.log.error({ queue: this.index, reason }, 'virtqueue failed; it stays stopped until the front-end resets it');
-    if (this.errFd >= 0) native.write(this.errFd, new BigUint64Array([1n]));
+    if (this.running) this.thread.post({ op: 'fail', index: this.index, reason });
   }
 
-  /** The thread's ring failed (and logged it). */
+  /** The thread's executor failed (and logged it). */
   threadFailed(reason: string): void {
-    if (this.isStarted) this.failed ??= reason;
+    this.onFailed?.(reason);
   }
 
-  /** The worker is gone, and whatever its ring held with it. */
+  /** The worker is gone, and whatever its executor held with it. */
   threadDied(reason: string): void {
-    if (!this.running && !this.halting) return;
-    this.running = false;
-    this.fail(reason);
-  }
-
-  reset(): void {
-    // Only ever called with the ring stopped: the thread holds none of these now.
-    for (const fd of [this.kickFd, this.callFd, this.errFd]) if (fd >= 0) native.close(fd);
-    this.kickFd = this.callFd = this.errFd = -1;
-    this.kickReady = false;
-    this.size = 0;
-    this.base = 0;
-    this.addrs = undefined;
-    this.enabled = false;
-    this.failed = undefined;
-    this.inflightRecord = undefined;
-    this.isStarted = false;
-    this.running = false;
+    if (!this.running) return;
+    this.log.error({ queue: this.index, reason }, 'virtqueue failed; it stays stopped until the front-end resets it');
+    this.onFailed?.(reason);
   }
 }

@@ -1,31 +1,25 @@
-// Split virtqueue mechanics (VIRTIO 1.x §2.7): reading the avail ring, walking
-// descriptor chains, filling the used ring and deciding on notifications.
-// Everything read from guest memory is hostile and is validated here.
+// The split virtqueue layout (VIRTIO 1.2 §2.7): the avail ring, descriptor
+// chains, the used ring and event-index notification suppression. Everything
+// read from guest memory is hostile: every walk is bounded by the queue size,
+// every address checked, and every chain limited to MAX_CHAIN_SEGMENTS views.
+import type { RingFeatures } from '../features.js';
+import { MAX_CHAIN_BYTES, MAX_CHAIN_SEGMENTS, SPLIT_RING_MAX_SIZE } from '../limits.js';
 import { native } from '../native/index.js';
-import { GuestMemory, MAX_ADDRESS, WINDOW_OVERLAP, type Place } from './guest-memory.js';
+import type { DescriptorChain } from './chain.js';
+import { GuestMemory, MAX_ADDRESS, type Place } from './guest-memory.js';
+import { needEvent, RingError, u16, type Ring } from './ring.js';
+
+export { RingError, needEvent, u16 } from './ring.js';
+export type { RingFeatures } from '../features.js';
 
 export const DESC_F_NEXT = 1;
 export const DESC_F_WRITE = 2;
 export const DESC_F_INDIRECT = 4;
 export const AVAIL_F_NO_INTERRUPT = 1;
+export const USED_F_NO_NOTIFY = 1;
 export const DESC_SIZE = 16;
-export const MAX_QUEUE_SIZE = 32768;
-/** Largest indirect table accepted; Linux never builds one larger than a queue. */
-export const MAX_INDIRECT_DESCS = WINDOW_OVERLAP / DESC_SIZE;
-/** A chain moves at most this many bytes; more is a guest bug or an attack. */
-export const MAX_CHAIN_BYTES = 2 ** 32 - 1;
-
-/** The ring itself is unusable: the whole queue must stop. */
-export class RingError extends Error {}
-/** One chain is malformed: it fails, the queue may continue. */
-export class ChainError extends Error {}
-
-export const u16 = (v: number): number => v & 0xffff;
-
-/** VIRTIO 1.x "vring_need_event": notify when the driver's event index lies in [old, new). */
-export function needEvent(event: number, newIdx: number, oldIdx: number): boolean {
-  return u16(newIdx - event - 1) < u16(newIdx - oldIdx);
-}
+/** `next` is a u16, so no walk can reach past this many entries of an indirect table. */
+const REACHABLE_TABLE_BYTES = 65536 * DESC_SIZE;
 
 /** Typed arrays need aligned offsets in their buffer, and atomics need aligned host addresses. */
 function misaligned(p: Place, align: number): boolean {
@@ -37,30 +31,6 @@ export function ringSizes(size: number): { desc: number; avail: number; used: nu
   return { desc: DESC_SIZE * size, avail: 6 + 2 * size, used: 6 + 8 * size };
 }
 
-/** A descriptor chain, resolved into views of guest memory. */
-export class Chain {
-  head = 0;
-  /** Driver-to-device bytes, in order. */
-  readonly readable: Uint8Array[] = [];
-  /** Device-to-driver bytes, in order. */
-  readonly writable: Uint8Array[] = [];
-  readableBytes = 0;
-  writableBytes = 0;
-  descriptors = 0;
-  /** Why the chain is malformed; it was still consumed and must be completed. */
-  error: string | undefined;
-
-  reset(head: number): void {
-    this.head = head;
-    this.error = undefined;
-    this.readable.length = 0;
-    this.writable.length = 0;
-    this.readableBytes = 0;
-    this.writableBytes = 0;
-    this.descriptors = 0;
-  }
-}
-
 export interface RingAddresses {
   /** Front-end virtual addresses, as SET_VRING_ADDR carries them. */
   desc: number;
@@ -68,13 +38,9 @@ export interface RingAddresses {
   used: number;
 }
 
-export interface RingFeatures {
-  eventIdx: boolean;
-  indirect: boolean;
-  notifyOnEmpty: boolean;
-}
+const hex = (v: number): string => `0x${v.toString(16)}`;
 
-export class SplitRing {
+export class SplitRing implements Ring {
   readonly size: number;
   private readonly mem: GuestMemory;
   private readonly features: RingFeatures;
@@ -82,16 +48,15 @@ export class SplitRing {
   private readonly avail: Uint16Array;
   private readonly used: Uint16Array;
   private readonly usedDv: DataView;
-  /** Next avail entry to consume. */
-  lastAvail: number;
-  /** Our copy of used->idx. */
+  private lastAvail: number;
   usedIdx: number;
   private signalledUsed = 0;
   private signalledValid = false;
+  private work = 0;
 
   constructor(mem: GuestMemory, size: number, addrs: RingAddresses, features: RingFeatures, lastAvail: number) {
-    if (!Number.isInteger(size) || size < 1 || size > MAX_QUEUE_SIZE || (size & (size - 1)) !== 0) {
-      throw new RingError(`queue size ${size} is not a power of two in 1..${MAX_QUEUE_SIZE}`);
+    if (!Number.isInteger(size) || size < 1 || size > SPLIT_RING_MAX_SIZE || (size & (size - 1)) !== 0) {
+      throw new RingError(`queue size ${size} is not a power of two in 1..${SPLIT_RING_MAX_SIZE}`);
     }
     if (addrs.desc % 16 || addrs.avail % 2 || addrs.used % 4) {
       throw new RingError('ring addresses are misaligned (desc 16, avail 2, used 4)');
@@ -104,7 +69,7 @@ export class SplitRing {
     // A region whose file offset and front-end address disagree in their low bits puts aligned
     // rings at odd places of our mapping, where the avail and used rings cannot be accessed atomically.
     if (misaligned(d, 16) || misaligned(a, 2) || misaligned(u, 4)) {
-      throw new RingError('ring addresses map to misaligned memory: the region\'s mmap_offset and userspace_addr are not aligned alike');
+      throw new RingError("ring addresses map to misaligned memory: the region's mmap_offset and userspace_addr are not aligned alike");
     }
     this.size = size;
     this.mem = mem;
@@ -117,115 +82,161 @@ export class SplitRing {
     this.usedIdx = Atomics.load(this.used, 1);
   }
 
-  availIdx(): number {
+  get nextAvail(): number {
+    return this.lastAvail;
+  }
+
+  takeWork(): number {
+    const w = this.work;
+    this.work = 0;
+    return w;
+  }
+
+  private availIdx(): number {
     return Atomics.load(this.avail, 1);
   }
 
-  /** Entries published by the driver and not yet taken. Throws RingError on an impossible index. */
   pending(): number {
     const n = u16(this.availIdx() - this.lastAvail);
     if (n > this.size) throw new RingError(`avail idx is ${n} entries ahead of the device, queue size is ${this.size}`);
     return n;
   }
 
-  /**
-   * Take the next available chain into `chain`. Returns false when the ring is empty.
-   * Throws RingError if the ring itself is unusable. A malformed chain is still
-   * consumed and returned with `chain.error` set: complete it with `chain.head`.
-   */
-  pop(chain: Chain): boolean {
-    if (this.pending() === 0) return false;
-    const head = this.avail[2 + (this.lastAvail % this.size)]!;
+  peek(k: number, chain: DescriptorChain): void {
+    const head = this.avail[2 + (u16(this.lastAvail + k) % this.size)]!;
     if (head >= this.size) throw new RingError(`avail ring names descriptor ${head}, queue size is ${this.size}`);
-    this.lastAvail = u16(this.lastAvail + 1);
-    chain.reset(head);
-    try {
-      this.walk(chain);
-    } catch (e) {
-      if (!(e instanceof ChainError)) throw e;
-      chain.error = e.message;
-    }
-    return true;
+    this.walk(head, chain);
   }
 
-  /** Re-read the chain at `head` (resubmitting one taken by an earlier back-end). */
-  chainAt(head: number, chain: Chain): void {
-    chain.reset(head);
+  take(n: number): void {
+    this.lastAvail = u16(this.lastAvail + n);
+  }
+
+  chainAt(head: number, chain: DescriptorChain): void {
     if (head >= this.size) {
-      chain.error = `inflight head ${head} is outside the queue`;
+      chain.reset(head);
+      chain.fault = `head ${head} is outside the queue`;
       return;
     }
-    try {
-      this.walk(chain);
-    } catch (e) {
-      if (!(e instanceof ChainError)) throw e;
-      chain.error = e.message;
-    }
+    this.walk(head, chain);
   }
 
-  private walk(chain: Chain): void {
+  rewindTo(next: number): void {
+    this.lastAvail = u16(next);
+  }
+
+  /**
+   * Resolve the chain at `head`. At most `size` descriptors are read in all
+   * (VIRTIO 1.2 §2.7.5.3.1: no chain is longer than the queue), the table
+   * included; problems that leave the rest of the chain readable are noted
+   * and the walk goes on, so the end (and the status byte) is still found.
+   */
+  private walk(head: number, chain: DescriptorChain): void {
+    chain.reset(head);
     let table = this.desc;
     let tableLen = this.size;
-    let idx = chain.head;
+    let idx = head;
     let budget = this.size;
     let indirect = false;
     let total = 0;
+    let ordinal = 0;
+    let writing = false;
+    // The last writable descriptor with bytes: [addr, len], and whether it lies in memory.
+    let statusAddr = -1;
+    const fault = (why: string): void => {
+      chain.fault ??= why;
+    };
     for (;;) {
-      if (budget-- === 0) throw new ChainError(`descriptor chain from head ${chain.head} is longer than its table: a loop`);
+      if (budget-- === 0) {
+        fault(`descriptor chain from head ${head} is longer than the queue (${this.size}): a loop, or a table that does not end`);
+        statusAddr = -1;
+        break;
+      }
+      this.work++;
+      chain.descriptors++;
       const off = idx * DESC_SIZE;
       const lo = table.getUint32(off, true);
       const hi = table.getUint32(off + 4, true);
       const len = table.getUint32(off + 8, true);
       const flags = table.getUint16(off + 12, true);
       const next = table.getUint16(off + 14, true);
-      if (hi >= 0x200000) throw new ChainError(`descriptor ${idx} address 0x${hi.toString(16)}${lo.toString(16).padStart(8, '0')} is beyond guest memory`);
       const addr = hi * 0x100000000 + lo;
       if (flags & DESC_F_INDIRECT) {
-        if (!this.features.indirect) throw new ChainError('indirect descriptor without INDIRECT_DESC negotiated');
-        if (indirect) throw new ChainError('nested indirect descriptor table');
-        if (flags & DESC_F_NEXT) throw new ChainError('indirect descriptor with NEXT set');
-        if (len === 0 || len % DESC_SIZE) throw new ChainError(`indirect table length ${len} is not a non-zero multiple of 16`);
-        if (len / DESC_SIZE > MAX_INDIRECT_DESCS) throw new ChainError(`indirect table of ${len / DESC_SIZE} descriptors is too large`);
-        const place = this.mem.small(addr, len);
-        if (!place) throw new ChainError(`indirect table at 0x${addr.toString(16)} (+${len}) is outside guest memory`);
-        table = new DataView(place.bytes.buffer, place.bytes.byteOffset + place.offset, len);
-        tableLen = len / DESC_SIZE;
-        budget = tableLen;
+        // The end of the chain lies inside the table: without it there is no status byte.
+        const bad =
+          !this.features.indirect ? 'indirect descriptor without INDIRECT_DESC negotiated'
+          : indirect ? 'indirect descriptor inside an indirect table'
+          : flags & DESC_F_NEXT ? 'indirect descriptor with NEXT set'
+          : len === 0 || len % DESC_SIZE ? `indirect table length ${len} is not a non-zero multiple of 16`
+          : undefined;
+        if (bad) {
+          fault(bad);
+          statusAddr = -1;
+          break;
+        }
+        if (len / DESC_SIZE > this.size) fault(`indirect table of ${len / DESC_SIZE} descriptors is larger than the queue (${this.size})`);
+        const place = hi >= 0x200000 ? undefined : this.mem.small(addr, Math.min(len, REACHABLE_TABLE_BYTES));
+        if (!place) {
+          fault(`indirect table at ${hex(addr)} (+${len}) is outside guest memory`);
+          statusAddr = -1;
+          break;
+        }
+        table = new DataView(place.bytes.buffer, place.bytes.byteOffset + place.offset, Math.min(len, REACHABLE_TABLE_BYTES));
+        tableLen = Math.min(len / DESC_SIZE, REACHABLE_TABLE_BYTES / DESC_SIZE);
         indirect = true;
         idx = 0;
         continue;
       }
+      const writable = (flags & DESC_F_WRITE) !== 0;
+      if (writable) writing = true;
+      else if (writing) fault('readable descriptor after a writable one');
       total += len;
-      if (total > MAX_CHAIN_BYTES) throw new ChainError(`descriptor chain from head ${chain.head} moves more than 4 GiB`);
-      if (addr + len > MAX_ADDRESS) throw new ChainError(`descriptor ${idx} wraps the address space`);
-      chain.descriptors++;
-      if (flags & DESC_F_WRITE) {
-        if (!this.mem.segments(addr, len, chain.writable)) {
-          throw new ChainError(`descriptor ${idx} buffer 0x${addr.toString(16)} (+${len}) is outside guest memory`);
-        }
-        chain.writableBytes += len;
-      } else {
-        if (chain.writableBytes > 0 || chain.writable.length > 0) {
-          throw new ChainError('readable descriptor after a writable one');
-        }
-        if (!this.mem.segments(addr, len, chain.readable)) {
-          throw new ChainError(`descriptor ${idx} buffer 0x${addr.toString(16)} (+${len}) is outside guest memory`);
-        }
-        chain.readableBytes += len;
+      if (total > MAX_CHAIN_BYTES) fault(`descriptor chain from head ${head} moves more than 4 GiB`);
+      if (len > 0) {
+        const inMemory = hi < 0x200000 && addr + len <= MAX_ADDRESS && this.resolve(chain, addr, len, ordinal, writable && writing);
+        if (!inMemory) fault(`descriptor ${idx} buffer ${hex(addr)} (+${len}) is outside guest memory`);
+        if (writable) statusAddr = inMemory ? addr + len - 1 : -1;
+        if (!writable || !writing) chain.readableBytes += len;
+        else chain.writableBytes += len;
       }
-      if (!(flags & DESC_F_NEXT)) return;
-      if (next >= tableLen) throw new ChainError(`descriptor ${idx} has next ${next}, table has ${tableLen}`);
+      ordinal++;
+      if (!(flags & DESC_F_NEXT)) break;
+      if (next >= tableLen) {
+        fault(`descriptor ${idx} has next ${next}, table has ${tableLen}`);
+        statusAddr = -1;
+        break;
+      }
       idx = next;
+    }
+    if (statusAddr >= 0) {
+      const v = this.mem.slice(statusAddr, 1);
+      if (v) {
+        chain.statusBytes = v;
+        chain.statusIndex = 0;
+      }
     }
   }
 
-  /** Return a chain to the driver. Publishes used->idx with a full barrier. */
-  push(head: number, written: number): void {
-    this.add(head, written);
-    this.publish();
+  /** Views of one descriptor's buffer into the chain; false if any byte is outside guest memory. */
+  private resolve(chain: DescriptorChain, addr: number, len: number, ordinal: number, writable: boolean): boolean {
+    const mark = chain.count;
+    for (let a = addr, left = len; left > 0; ) {
+      const v = this.mem.slice(a, left);
+      if (!v) {
+        chain.truncate(mark);
+        return false;
+      }
+      if (chain.full) {
+        chain.fault ??= `descriptor chain from head ${chain.head} needs more than ${MAX_CHAIN_SEGMENTS} segments`;
+      } else {
+        chain.push(v, ordinal, writable);
+      }
+      a += v.length;
+      left -= v.length;
+    }
+    return true;
   }
 
-  /** Write a used element without publishing it (several chains of one packet go out together). */
   add(head: number, written: number): void {
     const slot = this.usedIdx % this.size;
     this.usedDv.setUint32(4 + slot * 8, head, true);
@@ -239,34 +250,32 @@ export class SplitRing {
     Atomics.store(this.used, 1, this.usedIdx);
   }
 
-  /** Give back the last `n` popped chains, unused; they are popped again next time. */
-  unpop(n: number): void {
-    this.lastAvail = u16(this.lastAvail - n);
-  }
-
-  /** Whether the driver wants an interrupt for what was pushed since the last call. */
   needsNotify(): boolean {
+    // NOTIFY_ON_EMPTY overrides both suppression mechanisms (VIRTIO 1.2 §6.3).
+    const empty = this.features.notifyOnEmpty && this.availIdx() === this.lastAvail;
     if (this.features.eventIdx) {
       const event = Atomics.load(this.avail, 2 + this.size);
       const old = this.signalledUsed;
       const valid = this.signalledValid;
       this.signalledUsed = this.usedIdx;
       this.signalledValid = true;
-      return !valid || needEvent(event, this.usedIdx, old);
+      return empty || !valid || needEvent(event, this.usedIdx, old);
     }
-    if (this.features.notifyOnEmpty && this.availIdx() === this.lastAvail) return true;
-    return (Atomics.load(this.avail, 0) & AVAIL_F_NO_INTERRUPT) === 0;
+    return empty || (Atomics.load(this.avail, 0) & AVAIL_F_NO_INTERRUPT) === 0;
   }
 
-  /**
-   * Ask the driver to kick when entries beyond lastAvail arrive. Returns true
-   * if entries arrived meanwhile and the caller must keep processing.
-   */
-  enableKicks(): boolean {
+  enableNotifications(seen: number): boolean {
     if (this.features.eventIdx) {
-      // Full barrier: publish avail_event before re-reading avail->idx.
-      Atomics.store(this.used, 2 + 4 * this.size, this.lastAvail);
+      // Full barrier: avail_event is visible before avail->idx is read again.
+      Atomics.store(this.used, 2 + 4 * this.size, u16(this.lastAvail + seen));
+    } else {
+      Atomics.store(this.used, 0, Atomics.load(this.used, 0) & ~USED_F_NO_NOTIFY);
     }
-    return this.availIdx() !== this.lastAvail;
+    return u16(this.availIdx() - this.lastAvail) > seen;
+  }
+
+  disableNotifications(): void {
+    // With event index a stale avail_event already suppresses kicks.
+    if (!this.features.eventIdx) Atomics.store(this.used, 0, Atomics.load(this.used, 0) | USED_F_NO_NOTIFY);
   }
 }

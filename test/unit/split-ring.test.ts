@@ -1,8 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import type { GuestMemory } from '../../src/ring/guest-memory.js';
+import { ChainReader, ChainWriter, DescriptorChain } from '../../src/ring/chain.js';
 import {
-  Chain,
-  ChainError,
   DESC_F_INDIRECT,
   DESC_F_NEXT,
   DESC_F_WRITE,
@@ -11,6 +10,7 @@ import {
   SplitRing,
   type RingFeatures,
 } from '../../src/ring/split-ring.js';
+import { MAX_CHAIN_SEGMENTS } from '../../src/limits.js';
 import { gview, makeMemory, RingLayout, writeDesc } from './fixtures.js';
 
 const ALL: RingFeatures = { eventIdx: true, indirect: true, notifyOnEmpty: false };
@@ -26,17 +26,33 @@ function setup(size = 8, features = ALL, lastAvail = 0): { ring: SplitRing; lay:
   return { ring: new SplitRing(mem, size, lay.addrs, features, lastAvail), lay };
 }
 
-/** The error a pop reports: thrown for a broken ring, on the chain for a malformed chain. */
+/** Take the next chain (as the executor does: peek, then take). */
+function pop(ring: SplitRing, c: DescriptorChain): boolean {
+  if (ring.pending() === 0) return false;
+  ring.peek(0, c);
+  ring.take(1);
+  return true;
+}
+
+function push(ring: SplitRing, head: number, len: number): void {
+  ring.add(head, len);
+  ring.publish();
+}
+
+/** The fault a chain carries (or the RingError a broken ring throws). */
 function popError(ring: SplitRing): Error {
-  const c = new Chain();
+  const c = new DescriptorChain();
   try {
-    ring.pop(c);
+    ring.pending();
+    ring.peek(0, c);
   } catch (e) {
     return e as Error;
   }
-  if (c.error) return new ChainError(c.error);
-  throw new Error('pop succeeded');
+  if (c.fault) return new Error(c.fault);
+  throw new Error('chain is well formed');
 }
+
+const writableLengths = (c: DescriptorChain): number[] => c.segs.slice(c.readableSegs, c.count).map((v) => v.length);
 
 describe('event index arithmetic', () => {
   it('notifies exactly when used_event lies in [old, new)', () => {
@@ -66,14 +82,16 @@ describe('split ring', () => {
     writeDesc(lay.desc, 1, DATA_AT + 4096, 4096, DESC_F_NEXT | DESC_F_WRITE, 2);
     writeDesc(lay.desc, 2, DATA_AT + 8192, 1, DESC_F_WRITE, 0);
     lay.publish(0);
-    const c = new Chain();
-    expect(ring.pop(c)).toBe(true);
+    const c = new DescriptorChain();
+    expect(pop(ring, c)).toBe(true);
     expect(c.head).toBe(0);
     expect(c.readableBytes).toBe(16);
     expect(c.writableBytes).toBe(4097);
-    expect(c.writable.map((s) => s.length)).toEqual([4096, 1]);
-    expect(ring.pop(c)).toBe(false);
-    ring.push(0, 4097);
+    expect(writableLengths(c)).toEqual([4096, 1]);
+    expect(c.fault).toBeUndefined();
+    expect(c.statusBytes).toBeDefined();
+    expect(pop(ring, c)).toBe(false);
+    push(ring, 0, 4097);
     expect(lay.usedIdx()).toBe(1);
     expect(lay.usedElem(0)).toEqual({ id: 0, len: 4097 });
   });
@@ -86,8 +104,8 @@ describe('split ring', () => {
     writeDesc(table, 2, DATA_AT + 1024, 1, DESC_F_WRITE, 0);
     writeDesc(lay.desc, 5, 0x20000, 48, DESC_F_INDIRECT, 0);
     lay.publish(5);
-    const c = new Chain();
-    expect(ring.pop(c)).toBe(true);
+    const c = new DescriptorChain();
+    expect(pop(ring, c)).toBe(true);
     expect(c.head).toBe(5);
     expect(c.readableBytes).toBe(528);
     expect(c.writableBytes).toBe(1);
@@ -99,11 +117,11 @@ describe('split ring', () => {
       writeDesc(lay.desc, i, DATA_AT, 1, DESC_F_WRITE, 0);
       lay.publish(i);
     }
-    const c = new Chain();
+    const c = new DescriptorChain();
     const heads: number[] = [];
-    while (ring.pop(c)) heads.push(c.head);
+    while (pop(ring, c)) heads.push(c.head);
     expect(heads).toEqual([0, 1, 2]);
-    expect(ring.lastAvail).toBe(1);
+    expect(ring.nextAvail).toBe(1);
   });
 
   describe('hostile layouts', () => {
@@ -112,7 +130,7 @@ describe('split ring', () => {
       writeDesc(lay.desc, 0, DATA_AT, 1, DESC_F_NEXT, 1);
       writeDesc(lay.desc, 1, DATA_AT, 1, DESC_F_NEXT, 0);
       lay.publish(0);
-      expect(popError(ring)).toBeInstanceOf(ChainError);
+      expect(popError(ring)).not.toBeInstanceOf(RingError);
     });
 
     it('detects a self loop inside an indirect table', () => {
@@ -144,14 +162,14 @@ describe('split ring', () => {
       writeDesc(table, 0, 0x21000, 16, DESC_F_INDIRECT, 0);
       writeDesc(lay.desc, 0, 0x20000, 16, DESC_F_INDIRECT, 0);
       lay.publish(0);
-      expect(popError(ring).message).toMatch(/nested/);
+      expect(popError(ring).message).toMatch(/inside an indirect table/);
     });
 
     it('rejects indirect tables with bad lengths, NEXT, or without the feature', () => {
       for (const [len, flags, features, re] of [
         [24, DESC_F_INDIRECT, ALL, /multiple of 16/],
         [0, DESC_F_INDIRECT, ALL, /multiple of 16/],
-        [16 * 2 ** 20, DESC_F_INDIRECT, ALL, /too large/],
+        [16 * 2 ** 20, DESC_F_INDIRECT, ALL, /larger than the queue/],
         [16, DESC_F_INDIRECT | DESC_F_NEXT, ALL, /NEXT/],
         [16, DESC_F_INDIRECT, { ...ALL, indirect: false }, /INDIRECT_DESC/],
       ] as const) {
@@ -168,7 +186,7 @@ describe('split ring', () => {
       writeDesc(lay.desc, 0, DATA_AT, 0xffffffff, DESC_F_NEXT, 1);
       writeDesc(lay.desc, 1, DATA_AT, 0xffffffff, 0, 0);
       lay.publish(0);
-      expect(popError(ring)).toBeInstanceOf(ChainError);
+      expect(popError(ring)).not.toBeInstanceOf(RingError);
     });
 
     it('rejects addresses outside memory, straddling its end, or beyond 2^53', () => {
@@ -182,7 +200,7 @@ describe('split ring', () => {
         const { ring, lay } = setup();
         writeDesc(lay.desc, 0, addr!, len!, 0, 0);
         lay.publish(0);
-        expect(popError(ring)).toBeInstanceOf(ChainError);
+        expect(popError(ring)).not.toBeInstanceOf(RingError);
       }
     });
 
@@ -226,19 +244,19 @@ describe('split ring', () => {
         writeDesc(lay.desc, i, DATA_AT, 1, DESC_F_WRITE, 0);
         lay.publish(i);
       }
-      const c = new Chain();
+      const c = new DescriptorChain();
       lay.setUsedEvent(2); // driver wants an interrupt once used idx passes 2
-      ring.pop(c);
-      ring.push(c.head, 1);
+      pop(ring, c);
+      push(ring, c.head, 1);
       expect(ring.needsNotify()).toBe(true); // the first decision always signals
-      ring.pop(c);
-      ring.push(c.head, 1);
+      pop(ring, c);
+      push(ring, c.head, 1);
       expect(ring.needsNotify()).toBe(false); // used idx 2: event 2 not yet passed
-      ring.pop(c);
-      ring.push(c.head, 1);
+      pop(ring, c);
+      push(ring, c.head, 1);
       expect(ring.needsNotify()).toBe(true); // used idx 3 crosses event 2
-      ring.pop(c);
-      ring.push(c.head, 1);
+      pop(ring, c);
+      push(ring, c.head, 1);
       expect(ring.needsNotify()).toBe(false);
     });
 
@@ -246,12 +264,15 @@ describe('split ring', () => {
       const { ring, lay } = setup();
       writeDesc(lay.desc, 0, DATA_AT, 1, DESC_F_WRITE, 0);
       lay.publish(0);
-      const c = new Chain();
-      ring.pop(c);
-      expect(ring.enableKicks()).toBe(false);
+      const c = new DescriptorChain();
+      pop(ring, c);
+      expect(ring.enableNotifications(0)).toBe(false);
       expect(lay.availEvent()).toBe(1);
       lay.publish(0);
-      expect(ring.enableKicks()).toBe(true);
+      expect(ring.enableNotifications(0)).toBe(true);
+      // Asking for more than the one entry already seen: the driver's next one is what we wait for.
+      expect(ring.enableNotifications(1)).toBe(false);
+      expect(lay.availEvent()).toBe(2);
     });
 
     it('without EVENT_IDX honours NO_INTERRUPT, and NOTIFY_ON_EMPTY overrides it when empty', () => {
@@ -265,5 +286,160 @@ describe('split ring', () => {
       s2.lay.avail.setUint16(0, 1, true);
       expect(s2.ring.needsNotify()).toBe(true);
     });
+  });
+});
+
+describe('NOTIFY_ON_EMPTY under EVENT_IDX', () => {
+  it('notifies when the ring runs empty even if used_event says no', () => {
+    const { ring, lay } = setup(8, { eventIdx: true, indirect: true, notifyOnEmpty: true });
+    for (let i = 0; i < 2; i++) {
+      writeDesc(lay.desc, i, DATA_AT, 1, DESC_F_WRITE, 0);
+      lay.publish(i);
+    }
+    const c = new DescriptorChain();
+    lay.setUsedEvent(100); // far away: event index alone would suppress
+    pop(ring, c);
+    push(ring, c.head, 1);
+    expect(ring.needsNotify()).toBe(true); // first decision
+    pop(ring, c);
+    push(ring, c.head, 1);
+    expect(ring.needsNotify()).toBe(true); // the ring is empty now
+  });
+});
+
+describe('peek and take', () => {
+  it('peek changes nothing; take consumes in order', () => {
+    const { ring, lay } = setup();
+    for (let i = 0; i < 3; i++) {
+      writeDesc(lay.desc, i, DATA_AT + 512 * i, 512, DESC_F_WRITE, 0);
+      lay.publish(i);
+    }
+    const c = new DescriptorChain();
+    ring.peek(2, c);
+    expect(c.head).toBe(2);
+    ring.peek(0, c);
+    expect(c.head).toBe(0);
+    expect(ring.pending()).toBe(3);
+    expect(ring.nextAvail).toBe(0);
+    ring.take(2);
+    expect(ring.pending()).toBe(1);
+    ring.peek(0, c);
+    expect(c.head).toBe(2);
+  });
+});
+
+describe('chain limits (the worst a guest can post)', () => {
+  it('refuses an indirect table longer than the queue, but still finds its status byte', () => {
+    const { ring, lay } = setup(8);
+    const n = 32; // 4x the queue
+    const table = gview(mem!, 0x20000, 16 * n);
+    writeDesc(table, 0, DATA_AT, 16, DESC_F_NEXT, 1);
+    writeDesc(table, 1, DATA_AT + 4096, 1, DESC_F_WRITE, 0);
+    writeDesc(lay.desc, 0, 0x20000, 16 * n, DESC_F_INDIRECT, 0);
+    lay.publish(0);
+    const c = new DescriptorChain();
+    ring.peek(0, c);
+    expect(c.fault).toMatch(/larger than the queue/);
+    expect(c.statusBytes).toBeDefined();
+  });
+
+  it('a chained table that never ends within the queue size has no status byte', () => {
+    const { ring, lay } = setup(8);
+    const n = 64;
+    const table = gview(mem!, 0x20000, 16 * n);
+    for (let i = 0; i < n; i++) writeDesc(table, i, DATA_AT + 512 * i, 512, (i < n - 1 ? DESC_F_NEXT : 0) | DESC_F_WRITE, i + 1);
+    writeDesc(lay.desc, 0, 0x20000, 16 * n, DESC_F_INDIRECT, 0);
+    lay.publish(0);
+    const c = new DescriptorChain();
+    ring.peek(0, c);
+    expect(c.fault).toMatch(/larger than the queue/);
+    expect(c.statusBytes).toBeUndefined(); // the walk stopped at the queue size, before the end
+    expect(c.descriptors).toBeLessThanOrEqual(8);
+    expect(c.count).toBeLessThanOrEqual(8);
+  });
+
+  it('counts splits at region boundaries against the segment limit', () => {
+    // 2048 regions of 4 KiB back to back: one 8 MiB buffer becomes 2048 pieces.
+    const plans = [{ gpa: 0, size: 4 << 20, uva: 0 }];
+    for (let i = 0; i < 2048; i++) plans.push({ gpa: (16 << 20) + i * 4096, size: 4096, uva: (16 << 20) + i * 4096 });
+    mem = makeMemory(plans);
+    const lay = new RingLayout(mem, 8, RING_AT);
+    const ring = new SplitRing(mem, 8, lay.addrs, ALL, 0);
+    writeDesc(lay.desc, 0, DATA_AT, 16, DESC_F_NEXT, 1);
+    writeDesc(lay.desc, 1, 16 << 20, 2048 * 4096, DESC_F_WRITE | DESC_F_NEXT, 2);
+    writeDesc(lay.desc, 2, DATA_AT + 4096, 1, DESC_F_WRITE, 0);
+    lay.publish(0);
+    const c = new DescriptorChain();
+    ring.peek(0, c);
+    expect(c.fault).toMatch(new RegExp(`more than ${MAX_CHAIN_SEGMENTS} segments`));
+    expect(c.count).toBe(MAX_CHAIN_SEGMENTS);
+    expect(c.statusBytes).toBeDefined(); // blk can still answer IOERR
+  });
+
+  it('a data buffer outside memory is a fault with a status byte; a status outside memory has none', () => {
+    const { ring, lay } = setup();
+    writeDesc(lay.desc, 0, DATA_AT, 16, DESC_F_NEXT, 1);
+    writeDesc(lay.desc, 1, 64 << 20, 4096, DESC_F_WRITE | DESC_F_NEXT, 2);
+    writeDesc(lay.desc, 2, DATA_AT + 4096, 1, DESC_F_WRITE, 0);
+    lay.publish(0);
+    writeDesc(lay.desc, 3, DATA_AT, 16, DESC_F_NEXT, 4);
+    writeDesc(lay.desc, 4, 64 << 20, 1, DESC_F_WRITE, 0);
+    lay.publish(3);
+    const c = new DescriptorChain();
+    ring.peek(0, c);
+    expect(c.fault).toMatch(/outside guest memory/);
+    expect(c.statusBytes).toBeDefined();
+    c.writeStatus(1);
+    expect(gview(mem!, DATA_AT + 4096, 1).getUint8(0)).toBe(1);
+    ring.peek(1, c);
+    expect(c.fault).toMatch(/outside guest memory/);
+    expect(c.statusBytes).toBeUndefined();
+  });
+});
+
+describe('chain reader and writer', () => {
+  it('reads a header across segments, hands out views, writes at the end and counts what it wrote', () => {
+    const { ring, lay } = setup();
+    gview(mem!, DATA_AT, 8).setUint32(0, 0x11223344, true);
+    gview(mem!, DATA_AT + 0x1000, 8).setUint32(0, 0x55667788, true);
+    writeDesc(lay.desc, 0, DATA_AT, 8, DESC_F_NEXT, 1);
+    writeDesc(lay.desc, 1, DATA_AT + 0x1000, 8 + 512, DESC_F_NEXT, 2);
+    writeDesc(lay.desc, 2, DATA_AT + 0x2000, 512, DESC_F_WRITE | DESC_F_NEXT, 3);
+    writeDesc(lay.desc, 3, DATA_AT + 0x3000, 1, DESC_F_WRITE, 0);
+    lay.publish(0);
+    const c = new DescriptorChain();
+    pop(ring, c);
+    const r = new ChainReader().reset(c);
+    const hdr = new Uint8Array(16);
+    expect(r.read(hdr)).toBe(true);
+    const dv = new DataView(hdr.buffer);
+    expect(dv.getUint32(0, true)).toBe(0x11223344);
+    expect(dv.getUint32(8, true)).toBe(0x55667788);
+    const views: Uint8Array[] = [];
+    expect(r.views(512, views)).toBe(true);
+    expect(views.map((v) => v.length)).toEqual([512]);
+    expect(r.remaining).toBe(0);
+    expect(r.read(new Uint8Array(1))).toBe(false);
+    const w = new ChainWriter().reset(c);
+    expect(w.reserveTail(1)).toBe(true);
+    expect(w.write(new Uint8Array(513))).toBe(false); // the status byte is reserved
+    expect(w.views(512, [])).toBe(true);
+    expect(w.spanDescriptors).toBe(1);
+    expect(w.spanLargest).toBe(512);
+    expect(w.written).toBe(512);
+    expect(c.writeStatus(7)).toBe(true);
+    expect(gview(mem!, DATA_AT + 0x3000, 1).getUint8(0)).toBe(7);
+  });
+
+  it('pokes a u16 split across two segments', () => {
+    const { ring, lay } = setup();
+    writeDesc(lay.desc, 0, DATA_AT + 0x1000 - 11, 11, DESC_F_WRITE | DESC_F_NEXT, 1);
+    writeDesc(lay.desc, 1, DATA_AT + 0x3000, 16, DESC_F_WRITE, 0);
+    lay.publish(0);
+    const c = new DescriptorChain();
+    pop(ring, c);
+    expect(new ChainWriter().reset(c).pokeU16(10, 0xabcd)).toBe(true);
+    expect(gview(mem!, DATA_AT + 0x1000 - 1, 1).getUint8(0)).toBe(0xcd);
+    expect(gview(mem!, DATA_AT + 0x3000, 1).getUint8(0)).toBe(0xab);
   });
 });

@@ -1,15 +1,27 @@
 // virtio-blk over an Image: parses requests from descriptor chains, runs them
-// against the image asynchronously and completes them with a status byte.
+// against the image asynchronously and completes them with a status byte. A
+// request that cannot be served always gets IOERR or UNSUPP in its status
+// byte; a chain without a status byte never reaches here (the ring layer
+// fails the queue instead), so no failure can read as success in the guest.
 import type { Device } from '../../device.js';
 import {
+  bit,
   VIRTIO_F_ANY_LAYOUT,
   VIRTIO_F_NOTIFY_ON_EMPTY,
   VIRTIO_F_VERSION_1,
   VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
-} from '../../device.js';
-import { Chain } from '../../ring/split-ring.js';
-import type { Vring, VringHandler } from '../../ring/vring.js';
+} from '../../features.js';
+import {
+  BAD_REQUEST_LOG_LIMIT,
+  BLK_MAX_DISCARD_SECTORS,
+  BLK_MAX_DISCARD_SEG,
+  BLK_SEG_MAX,
+  BLK_SIZE_MAX,
+  MAX_QUEUE_SIZE,
+} from '../../limits.js';
+import { ChainReader, ChainWriter, DescriptorChain } from '../../ring/chain.js';
+import type { QueueExecutor, QueueHandler, QueueLogger, QueueRunner, RunResult } from '../../ring/executor.js';
 import {
   BLK_F_BLK_SIZE,
   BLK_F_CONFIG_WCE,
@@ -42,6 +54,8 @@ import {
 } from './config.js';
 import { Image } from './image.js';
 
+export { MAX_QUEUE_SIZE };
+
 export interface BlkOptions {
   image: Image;
   numQueues: number;
@@ -51,24 +65,36 @@ export interface BlkOptions {
   maxQueueSize?: number;
 }
 
-export interface BlkLogger {
-  error(obj: object, msg: string): void;
-  warn(obj: object, msg: string): void;
-  info(obj: object, msg: string): void;
-  debug(obj: object, msg: string): void;
+/** One request slot: a chain and everything needed to serve it, reused so the data path allocates nothing per request. */
+class Request {
+  readonly chain = new DescriptorChain();
+  readonly reader = new ChainReader();
+  readonly writer = new ChainWriter();
+  readonly iov: Uint8Array[] = [];
+  readonly hdr = new Uint8Array(REQ_HEADER_SIZE);
+  readonly hdrView = new DataView(this.hdr.buffer);
+  readonly segs = new Uint8Array(BLK_MAX_DISCARD_SEG * DISCARD_SEGMENT_SIZE);
+  readonly segView = new DataView(this.segs.buffer);
+  /** Parsed discard/write-zeroes ranges: byte offset, byte length, unmap (0/1), three numbers each. */
+  readonly rangeList = new Float64Array(BLK_MAX_DISCARD_SEG * 3);
+  type = 0;
+  sector = 0n;
+  /** Discard/write-zeroes: segments parsed into segs, and the next one to run. */
+  ranges = 0;
+  nextRange = 0;
+  readonly onIo: (err: Error | null) => void;
+
+  constructor(
+    readonly q: BlkQueue,
+    done: (r: Request, err: Error | null) => void,
+  ) {
+    this.onIo = (err) => done(this, err);
+  }
 }
 
-const bit = (n: number): bigint => 1n << BigInt(n);
-export const MAX_QUEUE_SIZE = 1024;
-const SEG_MAX = 126;
-const SIZE_MAX = 1 << 20;
-const MAX_DISCARD_SECTORS = 0x3fffff;
-const MAX_DISCARD_SEG = 16;
-/** Bad requests logged per queue before the log goes quiet. */
-const BAD_REQUEST_LOG_LIMIT = 20;
-
-interface QueueState {
-  vring: Vring;
+interface BlkQueue {
+  exec: QueueExecutor;
+  free: Request[];
   bad: number;
 }
 
@@ -81,22 +107,25 @@ export class BlkDevice implements Device {
   }
   readonly features: bigint;
   readonly protocolFeatures = bit(9) | bit(12); // CONFIG, INFLIGHT_SHMFD
+  /** blk queues run on the daemon's thread (the inflight record is mapped there). */
+  readonly runner: QueueRunner;
   private readonly image: Image;
   private readonly serial: Uint8Array;
   private readonly blkSize: number;
   private writeback = true;
   private acked = 0n;
-  private readonly queues = new Map<number, QueueState>();
+  private readonly done = (r: Request, err: Error | null): void => this.ioDone(r, err);
 
   constructor(
     opts: BlkOptions,
-    private readonly log: BlkLogger,
+    private readonly log: QueueLogger,
   ) {
     this.image = opts.image;
     this.numQueues = opts.numQueues;
     this.maxQueueSize = opts.maxQueueSize ?? MAX_QUEUE_SIZE;
     this.blkSize = opts.logicalBlockSize;
-    this.serial = new TextEncoder().encode(opts.serial).subarray(0, ID_BYTES);
+    this.serial = new Uint8Array(ID_BYTES);
+    this.serial.set(new TextEncoder().encode(opts.serial).subarray(0, ID_BYTES));
     let f =
       bit(BLK_F_SIZE_MAX) | bit(BLK_F_SEG_MAX) | bit(BLK_F_BLK_SIZE) | bit(BLK_F_FLUSH) | bit(BLK_F_TOPOLOGY) |
       bit(BLK_F_CONFIG_WCE) | bit(BLK_F_MQ) |
@@ -104,6 +133,10 @@ export class BlkDevice implements Device {
       bit(VIRTIO_F_NOTIFY_ON_EMPTY) | bit(VIRTIO_F_ANY_LAYOUT);
     f |= this.image.readonly ? bit(BLK_F_RO) : bit(BLK_F_DISCARD) | bit(BLK_F_WRITE_ZEROES);
     this.features = f;
+    this.runner = {
+      start: (exec) => this.startQueue(exec),
+      stop: () => undefined,
+    };
   }
 
   get capacitySectors(): bigint {
@@ -114,19 +147,19 @@ export class BlkDevice implements Device {
     const perBlock = this.blkSize / SECTOR;
     return {
       capacitySectors: this.capacitySectors,
-      sizeMax: SIZE_MAX,
-      segMax: SEG_MAX,
+      sizeMax: BLK_SIZE_MAX,
+      segMax: BLK_SEG_MAX,
       blkSize: this.blkSize,
       physicalBlockExp: 0,
       minIoSize: 1,
       optIoSize: 0,
       writeback: this.writeback,
       numQueues: this.numQueues,
-      maxDiscardSectors: MAX_DISCARD_SECTORS,
-      maxDiscardSeg: MAX_DISCARD_SEG,
+      maxDiscardSectors: BLK_MAX_DISCARD_SECTORS,
+      maxDiscardSeg: BLK_MAX_DISCARD_SEG,
       discardSectorAlignment: perBlock,
-      maxWriteZeroesSectors: MAX_DISCARD_SECTORS,
-      maxWriteZeroesSeg: MAX_DISCARD_SEG,
+      maxWriteZeroesSectors: BLK_MAX_DISCARD_SECTORS,
+      maxWriteZeroesSeg: BLK_MAX_DISCARD_SEG,
       writeZeroesMayUnmap: true,
     };
   }
@@ -156,133 +189,147 @@ export class BlkDevice implements Device {
     return undefined;
   }
 
-  startQueue(vring: Vring): VringHandler {
-    const q: QueueState = { vring, bad: 0 };
-    this.queues.set(vring.index, q);
-    return { kick: () => this.process(q) };
+  queueSetup(): undefined {
+    return undefined;
   }
 
-  stopQueue(vring: Vring): void {
-    this.queues.delete(vring.index);
+  private startQueue(exec: QueueExecutor): QueueHandler {
+    const q: BlkQueue = { exec, free: [], bad: 0 };
+    return { run: () => this.serve(q), faults: 'status' };
   }
+
+  stopQueue(): void {}
 
   reset(): void {
-    this.queues.clear();
     this.writeback = true;
     this.acked = 0n;
   }
 
-  private process(q: QueueState): void {
+  private serve(q: BlkQueue): RunResult {
     for (;;) {
-      // Bounded: each pass takes at most a queue's worth of chains.
-      for (let n = 0; n < q.vring.size; n++) {
-        const chain = new Chain();
-        if (!q.vring.pop(chain)) break;
-        this.handle(q, chain);
+      const r = q.free.pop() ?? new Request(q, this.done);
+      if (!q.exec.pop(r.chain)) {
+        q.free.push(r);
+        return 'idle';
       }
-      if (!q.vring.rearm()) return;
+      this.handle(r);
     }
   }
 
-  private bad(q: QueueState, chain: Chain, reason: string): void {
-    if (q.bad++ < BAD_REQUEST_LOG_LIMIT) this.log.warn({ queue: q.vring.index, head: chain.head, reason }, 'bad request');
+  private bad(r: Request, reason: string): void {
+    if (r.q.bad++ < BAD_REQUEST_LOG_LIMIT) {
+      this.log.warn({ queue: r.q.exec.index, head: r.chain.head, reason }, r.q.bad === BAD_REQUEST_LOG_LIMIT ? 'bad request (further ones only counted)' : 'bad request');
+    }
   }
 
-  private handle(q: QueueState, chain: Chain): void {
-    const status = lastByte(chain.writable);
-    if (!status || chain.readableBytes < REQ_HEADER_SIZE) {
-      // Nowhere to put a status: hand the chain back untouched.
-      this.bad(q, chain, status ? 'request header shorter than 16 bytes' : 'no writable status byte');
-      q.vring.complete(chain.head, 0);
-      return;
+  /** Complete with a status; the used length counts what was written before it, and the status byte. */
+  private finish(r: Request, status: number): void {
+    r.chain.writeStatus(status);
+    const written = status === S_OK ? r.writer.written : 0;
+    r.iov.length = 0;
+    r.q.exec.complete(r.chain, written + 1);
+    r.q.free.push(r);
+  }
+
+  private fail(r: Request, reason: string, status = S_IOERR): void {
+    this.bad(r, reason);
+    this.finish(r, status);
+  }
+
+  private ioDone(r: Request, err: Error | null): void {
+    if (err) {
+      this.log.error({ queue: r.q.exec.index, type: r.type, sector: r.sector.toString(), err: err.message }, 'I/O error');
+      return this.finish(r, S_IOERR);
     }
-    const hdr = new DataView(gather(chain.readable, 0, REQ_HEADER_SIZE).buffer);
-    const type = hdr.getUint32(0, true);
-    const sector = hdr.getBigUint64(8, true);
-    const finish = (code: number, written = 0): void => {
-      status.bytes[status.index] = code;
-      q.vring.complete(chain.head, written + 1);
-    };
-    const fail = (reason: string, code = S_IOERR): void => {
-      this.bad(q, chain, reason);
-      finish(code);
-    };
-    const ioError = (err: Error): void => {
-      this.log.error({ queue: q.vring.index, type, sector: sector.toString(), err: err.message }, 'I/O error');
-      finish(S_IOERR);
-    };
+    if (r.type === T_DISCARD || r.type === T_WRITE_ZEROES) return this.nextRange(r);
+    this.finish(r, S_OK);
+  }
+
+  private handle(r: Request): void {
+    const chain = r.chain;
+    if (chain.fault) return this.fail(r, chain.fault);
+    r.reader.reset(chain);
+    r.writer.reset(chain);
+    // The status byte is the writable part's last byte: data may use the rest.
+    r.writer.reserveTail(1);
+    if (!r.reader.read(r.hdr)) return this.fail(r, `request header of ${chain.readableBytes} bytes, needs ${REQ_HEADER_SIZE}`);
+    const type = (r.type = r.hdrView.getUint32(0, true));
+    r.sector = r.hdrView.getBigUint64(8, true);
 
     switch (type) {
       case T_IN:
       case T_OUT: {
         const isWrite = type === T_OUT;
-        if (isWrite && this.image.readonly) return fail('write to a read-only disk');
-        const len = isWrite ? chain.readableBytes - REQ_HEADER_SIZE : chain.writableBytes - 1;
-        const range = this.checkRange(sector, len);
-        if (typeof range === 'string') return fail(range);
-        const iov = isWrite ? slice(chain.readable, REQ_HEADER_SIZE, len) : slice(chain.writable, 0, len);
-        if (isWrite) this.image.write(range, iov, this.writeThrough, (err) => (err ? ioError(err) : finish(S_OK)));
-        else this.image.read(range, iov, (err) => (err ? ioError(err) : finish(S_OK, len)));
+        if (isWrite && this.image.readonly) return this.fail(r, 'write to a read-only disk');
+        const cursor = isWrite ? r.reader : r.writer;
+        const len = cursor.remaining;
+        const pos = this.checkRange(r.sector, len);
+        if (typeof pos === 'string') return this.fail(r, pos);
+        cursor.views(len, r.iov);
+        if (cursor.spanDescriptors > BLK_SEG_MAX) return this.fail(r, `${cursor.spanDescriptors} data segments, seg_max is ${BLK_SEG_MAX}`);
+        if (cursor.spanLargest > BLK_SIZE_MAX) return this.fail(r, `a data segment of ${cursor.spanLargest} bytes, size_max is ${BLK_SIZE_MAX}`);
+        if (isWrite) this.image.write(pos, r.iov, this.writeThrough, r.onIo);
+        else this.image.read(pos, r.iov, r.onIo);
         return;
       }
       case T_FLUSH:
-        this.image.flush((err) => (err ? ioError(err) : finish(S_OK)));
+        this.image.flush(r.onIo);
         return;
-      case T_GET_ID: {
-        const room = chain.writableBytes - 1;
-        if (room < ID_BYTES) return fail(`GET_ID buffer of ${room} bytes, needs ${ID_BYTES}`);
-        const id = new Uint8Array(ID_BYTES);
-        id.set(this.serial);
-        scatter(chain.writable, id);
-        finish(S_OK, ID_BYTES);
-        return;
-      }
+      case T_GET_ID:
+        if (!r.writer.write(this.serial)) return this.fail(r, `GET_ID buffer of ${r.writer.remaining} bytes, needs ${ID_BYTES}`);
+        return this.finish(r, S_OK);
       case T_DISCARD:
       case T_WRITE_ZEROES: {
         if (!(this.acked & bit(type === T_DISCARD ? BLK_F_DISCARD : BLK_F_WRITE_ZEROES))) {
-          return fail(`request type ${type} without its feature`, S_UNSUPP);
+          return this.fail(r, `request type ${type} without its feature`, S_UNSUPP);
         }
-        if (this.image.readonly) return fail('discard or write-zeroes on a read-only disk');
-        const bytes = chain.readableBytes - REQ_HEADER_SIZE;
-        const count = bytes / DISCARD_SEGMENT_SIZE;
-        if (bytes === 0 || !Number.isInteger(count) || count > MAX_DISCARD_SEG) {
-          return fail(`${bytes} bytes of discard segments (16 each, at most ${MAX_DISCARD_SEG})`);
-        }
-        const segs = new DataView(gather(chain.readable, REQ_HEADER_SIZE, bytes).buffer);
-        const ranges: { offset: number; length: number; unmap: boolean }[] = [];
-        for (let i = 0; i < count; i++) {
-          const s = segs.getBigUint64(i * 16, true);
-          const n = segs.getUint32(i * 16 + 8, true);
-          const flags = segs.getUint32(i * 16 + 12, true);
-          if (n > MAX_DISCARD_SECTORS) return fail(`segment of ${n} sectors exceeds ${MAX_DISCARD_SECTORS}`);
-          const allowed = type === T_WRITE_ZEROES ? WRITE_ZEROES_F_UNMAP : 0;
-          if (flags & ~allowed) return fail(`segment flags 0x${flags.toString(16)} not supported`, S_UNSUPP);
-          const offset = this.checkRange(s, n * SECTOR);
-          if (typeof offset === 'string') return fail(offset);
-          if (n === 0) continue; // nothing to do, and fallocate refuses a zero length
-          ranges.push({ offset, length: n * SECTOR, unmap: (flags & WRITE_ZEROES_F_UNMAP) !== 0 });
-        }
-        if (type === T_DISCARD) {
-          for (const r of ranges) {
-            const err = this.image.discard(r.offset, r.length);
-            if (err) return ioError(err);
-          }
-          finish(S_OK);
-          return;
-        }
-        let i = 0;
-        const next = (err: Error | null): void => {
-          if (err) return ioError(err);
-          if (i === ranges.length) return finish(S_OK);
-          const r = ranges[i++]!;
-          this.image.writeZeroes(r.offset, r.length, r.unmap, this.writeThrough, next);
-        };
-        next(null);
-        return;
+        if (this.image.readonly) return this.fail(r, 'discard or write-zeroes on a read-only disk');
+        const why = this.parseRanges(r);
+        if (why) return this.fail(r, why.reason, why.status);
+        r.nextRange = 0;
+        return this.nextRange(r);
       }
       default:
-        return fail(`unknown request type ${type}`, S_UNSUPP);
+        return this.fail(r, `unknown request type ${type}`, S_UNSUPP);
     }
+  }
+
+  /** Check the discard/write-zeroes segments and list them in r.rangeList. */
+  private parseRanges(r: Request): { reason: string; status: number } | undefined {
+    const bytes = r.reader.remaining;
+    const count = bytes / DISCARD_SEGMENT_SIZE;
+    if (bytes === 0 || !Number.isInteger(count) || count > BLK_MAX_DISCARD_SEG) {
+      return { reason: `${bytes} bytes of discard segments (16 each, at most ${BLK_MAX_DISCARD_SEG})`, status: S_IOERR };
+    }
+    r.reader.read(r.segs.subarray(0, bytes));
+    const dv = r.segView;
+    const allowed = r.type === T_WRITE_ZEROES ? WRITE_ZEROES_F_UNMAP : 0;
+    let n = 0;
+    for (let i = 0; i < count; i++) {
+      const sector = dv.getBigUint64(i * 16, true);
+      const sectors = dv.getUint32(i * 16 + 8, true);
+      const flags = dv.getUint32(i * 16 + 12, true);
+      if (sectors > BLK_MAX_DISCARD_SECTORS) return { reason: `segment of ${sectors} sectors exceeds ${BLK_MAX_DISCARD_SECTORS}`, status: S_IOERR };
+      if (flags & ~allowed) return { reason: `segment flags 0x${flags.toString(16)} not supported`, status: S_UNSUPP };
+      const offset = this.checkRange(sector, sectors * SECTOR);
+      if (typeof offset === 'string') return { reason: offset, status: S_IOERR };
+      if (sectors === 0) continue; // nothing to do, and fallocate refuses a zero length
+      r.rangeList[3 * n] = offset;
+      r.rangeList[3 * n + 1] = sectors * SECTOR;
+      r.rangeList[3 * n + 2] = flags & WRITE_ZEROES_F_UNMAP;
+      n++;
+    }
+    r.ranges = n;
+    return undefined;
+  }
+
+  /** Run discard/write-zeroes ranges one after another, off the event loop; complete after the last. */
+  private nextRange(r: Request): void {
+    if (r.nextRange === r.ranges) return this.finish(r, S_OK);
+    const l = r.rangeList;
+    const i = 3 * r.nextRange++;
+    if (r.type === T_DISCARD) this.image.discard(l[i]!, l[i + 1]!, r.onIo);
+    else this.image.writeZeroes(l[i]!, l[i + 1]!, l[i + 2] !== 0, this.writeThrough, r.onIo);
   }
 
   /** Byte offset of a request, or why it is out of bounds. */
@@ -292,58 +339,4 @@ export class BlkDevice implements Device {
     if (end > this.capacitySectors * BigInt(SECTOR)) return `sector ${sector} + ${len} bytes is past the end of the disk`;
     return Number(sector) * SECTOR;
   }
-}
-
-/** The last byte of a list of segments, as (view, index). */
-function lastByte(segs: Uint8Array[]): { bytes: Uint8Array; index: number } | undefined {
-  for (let i = segs.length - 1; i >= 0; i--) {
-    const s = segs[i]!;
-    if (s.byteLength) return { bytes: s, index: s.byteLength - 1 };
-  }
-  return undefined;
-}
-
-/** Copy `len` bytes starting `skip` bytes into the segments (small headers only). */
-function gather(segs: Uint8Array[], skip: number, len: number): Uint8Array {
-  const out = new Uint8Array(len);
-  let got = 0;
-  for (const s of segs) {
-    if (got === len) break;
-    if (skip >= s.byteLength) {
-      skip -= s.byteLength;
-      continue;
-    }
-    const piece = s.subarray(skip, skip + (len - got));
-    out.set(piece, got);
-    got += piece.byteLength;
-    skip = 0;
-  }
-  return out;
-}
-
-function scatter(segs: Uint8Array[], data: Uint8Array): void {
-  let off = 0;
-  for (const s of segs) {
-    if (off === data.length) return;
-    const n = Math.min(s.byteLength, data.length - off);
-    s.set(data.subarray(off, off + n));
-    off += n;
-  }
-}
-
-/** Views of `len` bytes starting `skip` bytes into the segments, without copying. */
-function slice(segs: Uint8Array[], skip: number, len: number): Uint8Array[] {
-  const out: Uint8Array[] = [];
-  for (const s of segs) {
-    if (len === 0) break;
-    if (skip >= s.byteLength) {
-      skip -= s.byteLength;
-      continue;
-    }
-    const piece = s.subarray(skip, skip + len);
-    out.push(piece);
-    len -= piece.byteLength;
-    skip = 0;
-  }
-  return out;
 }

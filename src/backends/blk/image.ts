@@ -79,11 +79,11 @@ export class Image {
   }
 
   /** Deallocate a range; reads of it return zeros afterwards. */
-  discard(offset: number, length: number): Error | null {
+  discard(offset: number, length: number, cb: (err: Error | null) => void): void {
     const rc = native.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
     // Discard is a hint: a file system that cannot punch holes loses nothing.
-    if (rc === 0 || rc === -EOPNOTSUPP) return null;
-    return new Error(`punch hole failed: errno ${-rc}`);
+    const err = rc === 0 || rc === -EOPNOTSUPP ? null : new Error(`punch hole failed: errno ${-rc}`);
+    queueMicrotask(() => cb(err));
   }
 
   /** Make a range read as zeros, deallocating it if `unmap` allows. */

@@ -3,15 +3,16 @@
 // tap queue i (queue-pair.ts), on a queue thread of its own by default.
 import type { Device } from '../../device.js';
 import {
+  bit,
   VIRTIO_F_ANY_LAYOUT,
   VIRTIO_F_NOTIFY_ON_EMPTY,
   VIRTIO_F_VERSION_1,
   VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
-} from '../../device.js';
+} from '../../features.js';
+import { MAX_QUEUE_SIZE } from '../../limits.js';
 import { native } from '../../native/index.js';
-import { QueueThread, RemoteVring, type QueueRunner } from '../../ring/queue-thread.js';
-import type { Virtqueue, Vring, VringHandler } from '../../ring/vring.js';
+import type { QueueLogger, QueueRunner } from '../../ring/executor.js';
 import { createRunner, noStats, type NetStats, type PairSetup } from './queue-pair.js';
 import { Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO } from './tap.js';
 
@@ -33,27 +34,15 @@ export const NET_F_MQ = 22;
 
 const PROTOCOL_F_RARP = 2;
 const PROTOCOL_F_MTU = 4;
-const bit = (n: number): bigint => 1n << BigInt(n);
-
-const MAX_QUEUE_SIZE = 1024;
 
 export interface NetOptions {
   tap: Tap;
   queuePairs: number;
   /** Offer VIRTIO_NET_F_MTU with this maximum; undefined: not offered. */
   mtu?: number;
-  /** Queue threads the pairs are spread over (default: one per pair); 0 runs them on the daemon's thread. */
-  threads?: number;
-  /** Log level of the queue threads' own lines. */
-  logLevel?: string;
 }
 
-export interface NetLogger {
-  error(obj: object, msg: string): void;
-  warn(obj: object, msg: string): void;
-  info(obj: object, msg: string): void;
-  debug(obj: object, msg: string): void;
-}
+export type NetLogger = QueueLogger;
 
 export class NetDevice implements Device {
   readonly kind = 'net';
@@ -68,10 +57,10 @@ export class NetDevice implements Device {
   private hdrLen = 10;
   private mergeable = false;
   private bigRx = false;
-  private readonly threads: QueueThread[];
-  /** Runs the pairs when there are no queue threads. */
-  private readonly local: QueueRunner;
-  /** Each pair's counters, as its thread last reported them. */
+  /** The pairs' data path on the daemon's thread; queue threads load runnerModule instead. */
+  readonly runner: QueueRunner;
+  readonly runnerModule = new URL('./queue-pair.js', import.meta.url);
+  /** Each pair's counters, as its runner last reported them. */
   private readonly pairStats: NetStats[];
 
   constructor(
@@ -93,10 +82,7 @@ export class NetDevice implements Device {
     if (opts.mtu) f |= bit(NET_F_MTU);
     this.features = f;
     this.protocolFeatures = bit(PROTOCOL_F_RARP) | (opts.mtu ? bit(PROTOCOL_F_MTU) : 0n);
-    const runner = new URL('./queue-pair.js', import.meta.url);
-    const threads = opts.threads ?? opts.queuePairs;
-    this.threads = Array.from({ length: threads }, (_, i) => new QueueThread({ runner, logLevel: opts.logLevel ?? 'info', name: `net-thread-${i}` }));
-    this.local = createRunner(log);
+    this.runner = createRunner(log);
     this.pairStats = opts.tap.fds.map(() => noStats());
   }
 
@@ -163,9 +149,9 @@ export class NetDevice implements Device {
     else this.log.info({ mac: hex }, 'RARP announcement sent');
   }
 
-  /** Pairs are spread over the queue threads round-robin; with none, they run here. */
-  queueThread(index: number): QueueThread | undefined {
-    return this.threads.length ? this.threads[(index >> 1) % this.threads.length] : undefined;
+  /** Both rings of a pair run on the same thread. */
+  queueGroup(index: number): number {
+    return index >> 1;
   }
 
   queueSetup(index: number): PairSetup {
@@ -173,14 +159,8 @@ export class NetDevice implements Device {
     return { pair, tapFd: this.tap.fds[pair]!, hdrLen: this.hdrLen, mergeable: this.mergeable, bigRx: this.bigRx, mtu: this.mtu };
   }
 
-  /** A pair on the daemon's thread (--threads 0): the same runner a queue thread uses. */
-  startQueue(q: Vring): VringHandler {
-    return this.local.start(q, this.queueSetup(q.index));
-  }
-
-  stopQueue(q: Virtqueue): void {
-    const report = q instanceof RemoteVring ? q.report : this.local.stop(q as Vring);
-    if (report) this.pairStats[q.index >> 1] = report as NetStats;
+  stopQueue(index: number, report: unknown): void {
+    if (report) this.pairStats[index >> 1] = report as NetStats;
   }
 
   reset(): void {
@@ -189,8 +169,4 @@ export class NetDevice implements Device {
     this.bigRx = false;
   }
 
-  /** End the queue threads (after every connection has closed). */
-  async close(): Promise<void> {
-    await Promise.all(this.threads.map((t) => t.close()));
-  }
 }

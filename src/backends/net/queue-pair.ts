@@ -1,18 +1,19 @@
 // One virtio-net queue pair's data path (rx 2i, tx 2i+1) over tap queue i.
 // Packets go straight between guest buffers and the tap with readv/writev;
-// the virtio-net header is the tap's own vnet header. A pair runs on a queue
-// thread of its own (createRunner), so pairs are serviced in parallel.
+// the virtio-net header is the tap's own vnet header. Chains are peeked and
+// taken only once their packet moved, so nothing is ever handed back.
+import { BAD_REQUEST_LOG_LIMIT } from '../../limits.js';
 import { native, EAGAIN, EINTR, POLL_READABLE, POLL_WRITABLE, type WatchHandle } from '../../native/index.js';
-import type { QueueRunner } from '../../ring/queue-thread.js';
-import { Chain } from '../../ring/split-ring.js';
-import type { Vring, VringHandler, VringLogger } from '../../ring/vring.js';
+import { ChainReader, ChainWriter, DescriptorChain } from '../../ring/chain.js';
+import type { QueueExecutor, QueueHandler, QueueLogger, QueueRunner, RunResult } from '../../ring/executor.js';
 
 /** Ethernet + VLAN tag around the largest IP packet a GSO frame can carry. */
 export const MAX_GSO_FRAME = 65535 + 18;
 export const ETH_OVERHEAD = 18;
 /** Packets moved per wake-up before yielding to the event loop. */
-const BUDGET = 256;
-const LOG_LIMIT = 20;
+const RX_BUDGET = 256;
+/** Enough chains for the largest frame in the smallest buffers Linux posts (hdr + 1 byte each is absurd; 64 KiB / 1 KiB is not). */
+const MAX_RX_CHAINS = 256;
 
 export interface NetStats {
   txPackets: number;
@@ -23,11 +24,18 @@ export interface NetStats {
   rxPackets: number;
   rxBytes: number;
   rxDropped: number;
+  /** Frames longer than the buffers they were read into (tun truncates): dropped, never delivered cut. */
+  rxTruncated: number;
+  /** Frames larger than every buffer the guest could ever post at once: dropped. */
+  rxTooBig: number;
   /** Times the tap had packets but the guest had posted no buffer. */
   rxNoBuffer: number;
 }
 
-export const noStats = (): NetStats => ({ txPackets: 0, txBytes: 0, txDropped: 0, txDiscarded: 0, rxPackets: 0, rxBytes: 0, rxDropped: 0, rxNoBuffer: 0 });
+export const noStats = (): NetStats => ({
+  txPackets: 0, txBytes: 0, txDropped: 0, txDiscarded: 0,
+  rxPackets: 0, rxBytes: 0, rxDropped: 0, rxTruncated: 0, rxTooBig: 0, rxNoBuffer: 0,
+});
 
 /** What the negotiated features make of the data path; the device hands it over at each ring start. */
 export interface PairSetup {
@@ -39,52 +47,65 @@ export interface PairSetup {
   mergeable: boolean;
   /** The guest takes GSO packets (TSO/UFO offloads on the tap): RX needs room for 64 KiB. */
   bigRx: boolean;
+  /** The tap's MTU, as the device last read it. */
   mtu: number;
 }
 
 export class QueuePair {
-  rx: Vring | undefined;
-  tx: Vring | undefined;
+  rx: QueueExecutor | undefined;
+  tx: QueueExecutor | undefined;
   private watch: WatchHandle | undefined;
   private events = 0;
-  /** The guest posted no RX buffer: stop reading until it kicks. */
-  private rxStarved = false;
+  /** RX wants to hear when the tap is readable (it has buffers, the tap had nothing). */
+  private rxWantsTap = false;
   /** The tap refused a write: wait until it is writable. */
   private txBlocked = false;
   /** Counters since the daemon started. */
   readonly stats = noStats();
   private logged = 0;
 
+  private readonly txChain = new DescriptorChain();
+  private readonly reader = new ChainReader();
+  private readonly writer = new ChainWriter();
+  private readonly iov: Uint8Array[] = [];
+  private readonly rxChains: DescriptorChain[] = [];
+  private readonly rxLens: number[] = [];
+  /** A frame read before there was room for it in guest buffers; `held` bytes of it. */
+  private bounce = new Uint8Array(0);
+  private held = 0;
+
   constructor(
     private s: PairSetup,
-    private readonly log: VringLogger,
+    private readonly log: QueueLogger,
   ) {}
 
   get index(): number {
     return this.s.pair;
   }
 
+  /** Largest frame (with its vnet header) the tap can hand us. */
+  private get room(): number {
+    return this.s.hdrLen + (this.s.bigRx ? MAX_GSO_FRAME : this.s.mtu + ETH_OVERHEAD);
+  }
+
   /** A ring of this pair starts (with the settings of its connection). */
-  start(q: Vring, setup: PairSetup): VringHandler {
+  start(q: QueueExecutor, setup: PairSetup): QueueHandler {
     if (setup.tapFd !== this.s.tapFd) this.close();
+    // A frame held under other settings (header size, tap) cannot be delivered under these.
+    if (this.held && (setup.tapFd !== this.s.tapFd || setup.hdrLen !== this.s.hdrLen || setup.mergeable !== this.s.mergeable)) this.dropHeld('settings changed');
     this.s = setup;
     if (q.index % 2 === 0) {
       this.rx = q;
-      this.rxStarved = false;
-      return {
-        kick: () => {
-          this.rxStarved = false;
-          this.rxPump();
-        },
-      };
+      this.rxWantsTap = false;
+      return { run: () => this.rxRun(), faults: 'fail' };
     }
     this.tx = q;
     this.txBlocked = false;
-    return { kick: () => this.txPump(), tolerateBadChains: true, serveWhileDisabled: true };
+    return { run: () => this.txRun(), faults: 'deliver', serveWhileDisabled: true };
   }
 
   /** A ring stopped and drained. Returns the counters once both are down. */
-  stop(q: Vring): NetStats {
+  stop(q: QueueExecutor): NetStats {
     if (q === this.rx) this.rx = undefined;
     if (q === this.tx) this.tx = undefined;
     this.update();
@@ -97,7 +118,7 @@ export class QueuePair {
 
   /** Watch the tap for exactly what this pair can act on now. */
   private update(): void {
-    const want = (this.rx?.active && !this.rxStarved ? POLL_READABLE : 0) | (this.tx?.active && this.txBlocked ? POLL_WRITABLE : 0);
+    const want = (this.rx?.active && this.rxWantsTap ? POLL_READABLE : 0) | (this.tx?.active && this.txBlocked ? POLL_WRITABLE : 0);
     if (want === this.events) return;
     this.events = want;
     if (!this.watch) {
@@ -115,173 +136,221 @@ export class QueuePair {
   }
 
   private onTapReady(events: number): void {
-    // A bug here must fail this pair's queues, not the thread that runs them.
-    try {
-      if (events & POLL_WRITABLE) {
-        this.txBlocked = false;
-        this.txPump();
-      }
-      if (events & POLL_READABLE) this.rxPump();
-    } catch (e) {
-      this.log.error({ pair: this.index, err: e }, 'internal error while moving packets');
-      for (const q of [this.rx, this.tx]) q?.fail(`internal error: ${(e as Error).message}`);
-      this.close(); // both queues failed: nothing to watch the tap for
+    if (events & POLL_WRITABLE) {
+      this.txBlocked = false;
+      this.tx?.service();
     }
+    if (events & POLL_READABLE) this.rx?.service();
+    this.update();
   }
 
   private drop(dir: 'tx' | 'rx', reason: string): void {
     if (dir === 'tx') this.stats.txDropped++;
     else this.stats.rxDropped++;
-    if (this.logged++ < LOG_LIMIT) {
-      this.log.warn({ pair: this.index, dir, reason }, this.logged === LOG_LIMIT ? 'packet dropped (further drops only counted)' : 'packet dropped');
+    if (this.logged++ < BAD_REQUEST_LOG_LIMIT) {
+      this.log.warn({ pair: this.index, dir, reason }, this.logged === BAD_REQUEST_LOG_LIMIT ? 'packet dropped (further drops only counted)' : 'packet dropped');
     }
   }
 
-  /** Guest to tap: each chain is one vnet header + frame, written with one writev. */
-  private txPump(): void {
-    const q = this.tx;
-    if (!q) return;
-    if (this.txBlocked && !q.enabled) {
-      // Disabled, nothing is written: no need to wait for the tap.
-      this.txBlocked = false;
-      this.update();
-    }
-    if (this.txBlocked) return;
+  /** Guest to tap: each chain is one vnet header + frame, written with one writev, then taken. */
+  private txRun(): RunResult {
+    const q = this.tx!;
+    if (this.txBlocked && !q.enabled) this.txBlocked = false; // disabled, nothing is written: no need to wait for the tap
+    if (this.txBlocked) return 'waiting';
     const { hdrLen, tapFd } = this.s;
-    const chain = new Chain();
     const maxLen = hdrLen + MAX_GSO_FRAME;
-    for (;;) {
-      for (let n = 0; n < BUDGET; n++) {
-        if (!q.pop(chain)) break;
-        if (!q.enabled) {
-          this.stats.txDiscarded++;
-          q.complete(chain.head, 0);
-          continue;
-        }
-        if (chain.error) {
-          this.drop('tx', `malformed chain: ${chain.error}`);
-          q.complete(chain.head, 0);
-          continue;
-        }
-        if (chain.readableBytes < hdrLen + 14 || chain.readableBytes > maxLen || chain.writableBytes) {
-          this.drop('tx', `malformed chain: ${chain.readableBytes} readable, ${chain.writableBytes} writable bytes`);
-          q.complete(chain.head, 0);
-          continue;
-        }
-        let w = native.writev(tapFd, chain.readable);
-        while (w === -EINTR) w = native.writev(tapFd, chain.readable);
+    const chain = this.txChain;
+    const one = [chain];
+    while (q.peek(0, chain)) {
+      if (!q.enabled) {
+        this.stats.txDiscarded++;
+      } else if (chain.fault) {
+        this.drop('tx', `malformed chain: ${chain.fault}`);
+      } else if (chain.readableBytes < hdrLen + 14 || chain.readableBytes > maxLen || chain.writableBytes) {
+        this.drop('tx', `malformed chain: ${chain.readableBytes} readable, ${chain.writableBytes} writable bytes`);
+      } else {
+        this.iov.length = 0;
+        this.reader.reset(chain).views(chain.readableBytes, this.iov);
+        let w = native.writev(tapFd, this.iov);
+        while (w === -EINTR) w = native.writev(tapFd, this.iov);
+        this.iov.length = 0;
         if (w === -EAGAIN) {
-          q.unpop(1);
+          // Not taken: the chain stays in the ring until the tap drains.
           this.txBlocked = true;
           this.update();
-          return;
+          return 'waiting';
         }
         if (w < 0) this.drop('tx', `tap write failed: errno ${-w}`);
         else {
           this.stats.txPackets++;
           this.stats.txBytes += w - hdrLen;
         }
-        q.complete(chain.head, 0);
       }
-      if (!q.rearm()) return;
+      q.take(one, 1);
+      q.complete(chain, 0);
     }
+    return 'idle';
   }
 
-  /** Tap to guest: read each packet straight into posted buffers. */
-  private rxPump(): void {
-    const q = this.rx;
-    if (!q || !q.active) return this.update();
+  private rxChain(i: number): DescriptorChain {
+    while (this.rxChains.length <= i) this.rxChains.push(new DescriptorChain());
+    return this.rxChains[i]!;
+  }
+
+  /**
+   * Peek available RX chains from `from` until `want` bytes are covered (or
+   * none is left). Returns [chains, bytes], or undefined when one is unusable
+   * (the queue failed) or the executor wants us to yield.
+   */
+  private gather(q: QueueExecutor, want: number): { count: number; bytes: number } | undefined {
+    let count = 0;
+    let bytes = 0;
+    const { hdrLen, mergeable } = this.s;
+    while (bytes < want && count < MAX_RX_CHAINS) {
+      const c = this.rxChain(count);
+      if (!q.peek(count, c)) break;
+      if (c.writableBytes < hdrLen || c.readableBytes) {
+        // Only a broken driver posts these: nothing of it was taken, so the base stays honest.
+        q.fail(`unusable rx buffer at head ${c.head}: ${c.writableBytes} writable, ${c.readableBytes} readable bytes`);
+        return undefined;
+      }
+      count++;
+      bytes += c.writableBytes;
+      if (!mergeable) break;
+    }
+    if (!q.serving || q.yielding) return undefined;
+    return { count, bytes };
+  }
+
+  /** Tap to guest: read each frame straight into posted buffers, or through the bounce buffer when they are short. */
+  private rxRun(): RunResult {
+    const q = this.rx!;
+    if (!q.active) return 'waiting';
     const { hdrLen, mergeable, tapFd } = this.s;
-    const room = hdrLen + (this.s.bigRx ? MAX_GSO_FRAME : this.s.mtu + ETH_OVERHEAD);
-    const chains: Chain[] = [];
-    const iov: Uint8Array[] = [];
-    for (let n = 0; n < BUDGET; n++) {
-      // Gather buffers until the largest possible packet fits.
-      chains.length = 0;
-      iov.length = 0;
-      let have = 0;
-      while (have < room) {
-        const c = new Chain();
-        if (!q.pop(c)) break;
-        if (c.writableBytes < hdrLen || c.readableBytes) {
-          // Only a broken driver posts these; give back everything taken (this one too, or a stop
-          // would wait for it forever) and stop the queue.
-          q.unpop(chains.length + 1);
-          q.fail(`unusable rx buffer: ${c.writableBytes} writable, ${c.readableBytes} readable bytes`);
-          return this.update();
-        }
-        chains.push(c);
-        for (const v of c.writable) iov.push(v);
-        have += c.writableBytes;
-        if (!mergeable) break;
+    const room = this.room;
+    for (let n = 0; n < RX_BUDGET; n++) {
+      if (this.held) {
+        const r = this.placeHeld(q);
+        if (r !== 'placed') return r;
+        continue;
       }
-      if (have < room && (mergeable || chains.length === 0)) {
-        q.unpop(chains.length);
-        if (q.rearm()) continue; // buffers raced in: try again
+      const g = this.gather(q, room);
+      if (!g) return 'idle';
+      if (g.count === 0) {
+        // No buffer at all: leave the tap alone until the guest posts one.
         this.stats.rxNoBuffer++;
-        this.rxStarved = true;
+        this.rxWantsTap = false;
         this.update();
-        return;
+        return 0;
       }
-      let r = native.readv(tapFd, iov);
-      while (r === -EINTR) r = native.readv(tapFd, iov);
-      if (r === -EAGAIN) {
-        q.unpop(chains.length);
-        break;
+      if (g.bytes >= room || !mergeable) {
+        this.iov.length = 0;
+        for (let i = 0; i < g.count; i++) {
+          const c = this.rxChains[i]!;
+          this.writer.reset(c).views(c.writableBytes, this.iov);
+        }
+        let r = native.readv(tapFd, this.iov);
+        while (r === -EINTR) r = native.readv(tapFd, this.iov);
+        this.iov.length = 0;
+        if (r === -EAGAIN) return this.waitForTap();
+        if (r < 0 || r < hdrLen) {
+          this.drop('rx', `tap read failed: ${r < 0 ? `errno ${-r}` : `${r} bytes`}`);
+          continue;
+        }
+        // tun reports a frame's full length even when it copied less.
+        if (r > g.bytes || r > room) {
+          this.stats.rxTruncated++;
+          this.drop('rx', `frame of ${r} bytes did not fit the ${Math.min(g.bytes, room)} bytes read`);
+          continue;
+        }
+        this.deliver(q, g.count, r);
+        continue;
       }
+      // Fewer bytes posted than the largest frame: read it aside, then see whether it fits.
+      if (this.bounce.length < room) this.bounce = new Uint8Array(room);
+      const b = this.bounce.subarray(0, room);
+      let r = native.readv(tapFd, [b]);
+      while (r === -EINTR) r = native.readv(tapFd, [b]);
+      if (r === -EAGAIN) return this.waitForTap();
       if (r < 0 || r < hdrLen) {
-        q.unpop(chains.length);
         this.drop('rx', `tap read failed: ${r < 0 ? `errno ${-r}` : `${r} bytes`}`);
         continue;
       }
-      this.deliver(q, chains, r);
+      if (r > room) {
+        this.stats.rxTruncated++;
+        this.drop('rx', `frame of ${r} bytes is larger than the ${room} bytes this MTU allows`);
+        continue;
+      }
+      this.held = r;
     }
-    this.update();
+    this.rxWantsTap = false;
+    q.schedule();
+    return 'waiting';
   }
 
-  /** Complete the chains a packet of `len` bytes filled; give back the rest. */
-  private deliver(q: Vring, chains: Chain[], len: number): void {
-    const heads: number[] = [];
-    const lens: number[] = [];
-    let left = len;
-    for (const c of chains) {
-      if (left === 0) break;
-      const used = Math.min(left, c.writableBytes);
-      heads.push(c.head);
-      lens.push(used);
-      left -= used;
+  private waitForTap(): RunResult {
+    this.rxWantsTap = true;
+    this.update();
+    return 'waiting';
+  }
+
+  /**
+   * Deliver the held frame if the posted buffers can take it. If not, wait
+   * for more buffers (the driver is asked to notify past those seen), unless
+   * the whole ring is posted and still too small: then the frame can never fit.
+   */
+  private placeHeld(q: QueueExecutor): 'placed' | RunResult {
+    const g = this.gather(q, this.held);
+    if (!g) return 'idle';
+    if (g.bytes < this.held) {
+      if (g.count >= q.size || g.count >= MAX_RX_CHAINS) {
+        this.stats.rxTooBig++;
+        this.dropHeld(`frame of ${this.held} bytes is larger than the ${g.bytes} bytes the whole ring can post`);
+        return 'placed';
+      }
+      this.rxWantsTap = false;
+      this.update();
+      return g.count;
     }
-    if (this.s.hdrLen === 12) {
-      // num_buffers lives in bytes 10-11 of the header, in the first chain.
-      writeU16At(chains[0]!.writable, 10, heads.length);
+    let off = 0;
+    for (let i = 0; off < this.held; i++) {
+      const c = this.rxChains[i]!;
+      const n = Math.min(this.held - off, c.writableBytes);
+      this.writer.reset(c).write(this.bounce.subarray(off, off + n));
+      off += n;
     }
-    // Chains beyond those used were popped last: give them back before completing.
-    q.unpop(chains.length - heads.length);
-    q.completeMany(heads, lens);
+    const len = this.held;
+    this.held = 0;
+    this.deliver(q, g.count, len);
+    return 'placed';
+  }
+
+  private dropHeld(reason: string): void {
+    this.held = 0;
+    this.drop('rx', reason);
+  }
+
+  /** Take and complete the chains a frame of `len` bytes filled; the rest stay posted. */
+  private deliver(q: QueueExecutor, available: number, len: number): void {
+    let used = 0;
+    for (let left = len; left > 0 && used < available; used++) {
+      const c = this.rxChains[used]!;
+      const n = Math.min(left, c.writableBytes);
+      this.rxLens[used] = n;
+      left -= n;
+    }
+    // num_buffers lives in bytes 10-11 of the header, in the first chain.
+    if (this.s.hdrLen === 12) this.writer.reset(this.rxChains[0]!).pokeU16(10, used);
+    q.take(this.rxChains, used);
+    q.completeMany(this.rxChains, this.rxLens, used);
     this.stats.rxPackets++;
     this.stats.rxBytes += len - this.s.hdrLen;
   }
 }
 
-/** Little-endian u16 at byte `at` of a segmented buffer. */
-function writeU16At(segs: Uint8Array[], at: number, v: number): void {
-  const bytes = [v & 0xff, v >> 8];
-  for (let i = 0; i < 2; i++) {
-    let off = at + i;
-    for (const s of segs) {
-      if (off < s.byteLength) {
-        s[off] = bytes[i]!;
-        break;
-      }
-      off -= s.byteLength;
-    }
-  }
-}
-
-/** The queue thread's runner: the pairs it is given (one, as NetDevice assigns them). */
-export function createRunner(log: VringLogger): QueueRunner {
+/** The runner a placement uses for net queues: the pairs it is given, on whatever thread it runs. */
+export function createRunner(log: QueueLogger): QueueRunner {
   const pairs = new Map<number, QueuePair>();
-  const pairOf = (q: Vring): QueuePair | undefined => pairs.get(q.index >> 1);
   return {
     start(q, setup) {
       const s = setup as PairSetup;
@@ -290,7 +359,7 @@ export function createRunner(log: VringLogger): QueueRunner {
       return p.start(q, s);
     },
     stop(q) {
-      return pairOf(q)?.stop(q);
+      return pairs.get(q.index >> 1)?.stop(q);
     },
   };
 }

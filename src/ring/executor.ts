@@ -1,0 +1,489 @@
+// Runs one queue's data path on the thread it was placed on: watches the kick
+// fd, hands chains to the device's handler within a per-turn budget and a
+// bound on what the queue holds in flight, publishes completions, decides on
+// notifications, and drains on request. It borrows every fd (the queue's
+// lifecycle owns them) and never decides the queue's state: it reports.
+import {
+  MAX_INFLIGHT_BYTES,
+  MAX_INFLIGHT_SEGMENTS,
+  POLL_INTERVAL_MS,
+  RUN_BUDGET_CHAINS,
+  RUN_BUDGET_DESCRIPTORS,
+} from '../limits.js';
+import type { RingFeatures } from '../features.js';
+import { native, errnoError, POLL_READABLE, EAGAIN, type WatchHandle } from '../native/index.js';
+import type { DescriptorChain } from './chain.js';
+import type { GuestMemory } from './guest-memory.js';
+import type { InflightQueue } from './inflight.js';
+import { RingError, type Ring } from './ring.js';
+
+export { RingError };
+import { SplitRing, type RingAddresses } from './split-ring.js';
+
+/**
+ * What a device may do with a chain the ring layer found malformed:
+ * - 'fail': nothing (net RX): the queue fails and the chain stays in the ring;
+ * - 'status': every chain must end in a writable status byte (blk); a
+ *   malformed one is completed with an error status, and one without a status
+ *   byte fails the queue and stays in the ring;
+ * - 'deliver': the device takes every chain and drops the bad ones (net TX).
+ */
+export type FaultPolicy = 'fail' | 'status' | 'deliver';
+
+/**
+ * Why a handler's run() returned:
+ * - 'idle': it took everything there was; notifications are re-armed;
+ * - 'waiting': it waits for something outside the ring and will call schedule();
+ * - a number n: it needs more than n available entries before it can go on
+ *   (net RX gathering buffers for a frame): the driver is asked to notify then.
+ */
+export type RunResult = 'idle' | 'waiting' | number;
+
+export interface QueueHandler {
+  run(): RunResult;
+  readonly faults: FaultPolicy;
+  /** Keep taking chains while started but disabled (net TX, whose packets are then discarded). */
+  readonly serveWhileDisabled?: boolean;
+}
+
+/** A device's data path, as every placement runs it. */
+export interface QueueRunner {
+  /** A queue starts here: return its handler. `setup` is the device's queueSetup(), posted as plain data. */
+  start(q: QueueExecutor, setup: unknown): QueueHandler;
+  /** The queue stopped and drained; the result goes back to the device (stats, say). */
+  stop(q: QueueExecutor): unknown;
+}
+
+export interface QueueLogger {
+  error(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+  info(obj: object, msg: string): void;
+  debug(obj: object, msg: string): void;
+}
+
+/** Everything a ring start needs; plain data, so it can be posted to a queue thread. */
+export interface RingConfig {
+  index: number;
+  size: number;
+  base: number;
+  addrs: RingAddresses;
+  features: RingFeatures;
+  enabled: boolean;
+  /** Borrowed fds, -1 for none. */
+  kick: number;
+  call: number;
+  err: number;
+}
+
+const ONE = new BigUint64Array([1n]);
+
+export class QueueExecutor {
+  readonly index: number;
+  readonly size: number;
+  enabled: boolean;
+  /** Set once the data path found the ring unusable; it serves nothing more. */
+  failed: string | undefined;
+  /** Told of a failure (the lifecycle, or a queue thread reporting to the daemon). */
+  onFail: ((reason: string) => void) | undefined;
+
+  private readonly ring: Ring;
+  private handler: QueueHandler | undefined;
+  private kickFd: number;
+  private callFd: number;
+  private errFd: number;
+  private kickWatch: WatchHandle | undefined;
+  private pollTimer: NodeJS.Timeout | undefined;
+  private stopping = false;
+  private readonly inflightRecord: InflightQueue | undefined;
+  /** Heads an earlier back-end left in flight, to run before anything new. */
+  private resubmit: number[] = [];
+
+  // What the queue holds in flight.
+  private held = 0;
+  private heldSegments = 0;
+  private heldBytes = 0;
+  private throttled = false;
+  private drainWaiters: (() => void)[] = [];
+
+  // This event-loop turn's work, reset by an immediate queued at the first.
+  private turnChains = 0;
+  private turnOpen = false;
+  private budgetHit = false;
+  /** Descriptors resolved this turn. */
+  private turnWork = 0;
+  private readonly endTurn = (): void => {
+    this.turnOpen = false;
+    this.turnChains = 0;
+    this.turnWork = 0;
+    this.ring.takeWork();
+  };
+  private runScheduled = false;
+  private notifyPending = false;
+  private notifyScheduled = false;
+  private readonly scratch = new BigUint64Array(1);
+
+  // Counters, for logs and stats.
+  kicks = 0;
+  calls = 0;
+  suppressed = 0;
+
+  constructor(
+    cfg: RingConfig,
+    mem: GuestMemory,
+    private readonly log: QueueLogger,
+    inflight: InflightQueue | undefined,
+  ) {
+    this.index = cfg.index;
+    this.size = cfg.size;
+    this.enabled = cfg.enabled;
+    this.kickFd = cfg.kick;
+    this.callFd = cfg.call;
+    this.errFd = cfg.err;
+    this.inflightRecord = inflight;
+    // Throws RingError for rings outside memory or misaligned: the caller fails the queue.
+    this.ring = new SplitRing(mem, cfg.size, cfg.addrs, cfg.features, cfg.base);
+  }
+
+  /**
+   * Start serving: recover what a dead back-end left in flight, watch the kick
+   * fd and run once, since the driver may have kicked before we listened. A
+   * resume after a memory change passes fresh = false.
+   */
+  start(runner: QueueRunner, setup: unknown, fresh: boolean): void {
+    if (fresh && this.inflightRecord) this.recoverInflight();
+    // A back-end that died may have published completions without signalling them.
+    if (fresh && this.enabled) this.signalCall();
+    if (this.kickFd >= 0) {
+      const fd = this.kickFd;
+      try {
+        this.kickWatch = native.watch(fd, POLL_READABLE, () => this.onKick(fd));
+      } catch (e) {
+        throw new RingError(`kick fd cannot be polled: ${(e as Error).message}`);
+      }
+    } else {
+      this.pollTimer = setInterval(() => this.service(), POLL_INTERVAL_MS);
+    }
+    // Runs are scheduled, never synchronous: the handler is in place before the first.
+    this.handler = runner.start(this, setup);
+    this.schedule();
+  }
+
+  /** The next entry to take: what GET_VRING_BASE reports. */
+  get nextAvail(): number {
+    return this.ring.nextAvail;
+  }
+
+  get inFlight(): number {
+    return this.held;
+  }
+
+  /** Chains may be taken: not failed or stopping, and enabled (or serving a disabled ring). */
+  get serving(): boolean {
+    return !this.failed && !this.stopping && this.handler !== undefined && (this.enabled || this.handler.serveWhileDisabled === true);
+  }
+
+  /** Serving and enabled. */
+  get active(): boolean {
+    return this.serving && this.enabled;
+  }
+
+  setEnabled(on: boolean): void {
+    this.enabled = on;
+    this.schedule();
+  }
+
+  /** A new call fd. It hears once at once: completions may have gone unsignalled before it came. */
+  setCall(fd: number): void {
+    this.callFd = fd;
+    this.signalCall();
+  }
+
+  setErr(fd: number): void {
+    this.errFd = fd;
+  }
+
+  private onKick(fd: number): void {
+    // Drain the eventfd counter; EAGAIN just means another reader got it.
+    const n = native.read(fd, this.scratch);
+    if (n < 0 && n !== -EAGAIN) {
+      this.fail(errnoError('read kick eventfd', n).message);
+      return;
+    }
+    this.kicks++;
+    this.service();
+  }
+
+  /** Run the handler soon: at start, on enable, after a budget ran out or when the handler is unblocked. */
+  schedule(): void {
+    if (this.runScheduled) return;
+    this.runScheduled = true;
+    setImmediate(() => {
+      this.runScheduled = false;
+      this.service();
+    });
+  }
+
+  /** Whether the handler should stop now: the turn's budget is spent, or the in-flight bound reached. */
+  get yielding(): boolean {
+    return this.budgetHit || this.throttled;
+  }
+
+  /**
+   * Serve the queue until the handler is idle or waiting (kicks, schedule(),
+   * and a device's own readiness callbacks come here); a bug while doing so
+   * fails this queue.
+   */
+  service(): void {
+    for (;;) {
+      if (!this.serving) return;
+      this.budgetHit = false;
+      this.throttled = false;
+      let r: RunResult;
+      try {
+        r = this.handler!.run();
+      } catch (e) {
+        this.log.error({ queue: this.index, err: e }, 'internal error while servicing the queue');
+        this.fail(`internal error: ${(e as Error).message}`);
+        return;
+      }
+      if (!this.serving) return;
+      if (this.budgetHit) return this.schedule();
+      if (this.throttled || r === 'waiting') return; // a completion, or the handler, schedules the next run
+      try {
+        if (!this.ring.enableNotifications(r === 'idle' ? 0 : r)) return;
+      } catch (e) {
+        return this.ringFault(e);
+      }
+    }
+  }
+
+  private ringFault(e: unknown): void {
+    if (!(e instanceof RingError)) throw e;
+    this.fail(e.message);
+  }
+
+  /** Whether this turn may do more work; marks the budget spent when not. */
+  private withinBudget(): boolean {
+    if (!this.turnOpen) {
+      this.turnOpen = true;
+      setImmediate(this.endTurn);
+    }
+    this.turnWork += this.ring.takeWork();
+    if (this.turnChains < RUN_BUDGET_CHAINS && this.turnWork < RUN_BUDGET_DESCRIPTORS) return true;
+    this.budgetHit = true;
+    return false;
+  }
+
+  /** Whether the queue may take another chain without exceeding what it may hold. */
+  private roomInFlight(): boolean {
+    if (this.heldSegments < MAX_INFLIGHT_SEGMENTS && this.heldBytes < MAX_INFLIGHT_BYTES) return true;
+    this.throttled = true;
+    return false;
+  }
+
+  /** Entries available to take now (0 when the ring is unusable; the queue has failed then). */
+  available(): number {
+    if (!this.serving) return 0;
+    try {
+      return this.resubmit.length + this.ring.pending();
+    } catch (e) {
+      this.ringFault(e);
+      return 0;
+    }
+  }
+
+  /**
+   * Take the next chain into `chain`. Returns false when there is none, the
+   * budget or the in-flight bound says wait, or the queue cannot be served.
+   * A malformed chain is handled by the handler's fault policy: it comes back
+   * with chain.fault set, or the queue fails and the chain stays in the ring.
+   */
+  pop(chain: DescriptorChain): boolean {
+    if (!this.serving || !this.withinBudget() || !this.roomInFlight()) return false;
+    const resubmitted = this.resubmit.length > 0;
+    if (resubmitted) {
+      this.ring.chainAt(this.resubmit[0]!, chain);
+    } else {
+      try {
+        if (this.ring.pending() === 0) return false;
+        this.ring.peek(0, chain);
+      } catch (e) {
+        this.ringFault(e);
+        return false;
+      }
+    }
+    if (!this.acceptable(chain)) return false;
+    if (resubmitted) this.resubmit.shift();
+    else this.ring.take(1);
+    this.hold(chain);
+    return true;
+  }
+
+  /**
+   * Resolve the k-th available chain without taking it (net RX gathers
+   * buffers for one frame, then takes as many as it filled). False when
+   * there is no k-th chain, the budget is spent, or it is malformed (the
+   * queue has failed then).
+   */
+  peek(k: number, chain: DescriptorChain): boolean {
+    if (!this.serving || !this.withinBudget()) return false;
+    if (this.resubmit.length) throw new Error('peek() on a queue with resubmissions pending');
+    try {
+      if (k >= this.ring.pending()) return false;
+      this.ring.peek(k, chain);
+    } catch (e) {
+      this.ringFault(e);
+      return false;
+    }
+    return this.acceptable(chain);
+  }
+
+  /** Take the first n chains peek() returned (chains[0..n-1]). */
+  take(chains: readonly DescriptorChain[], n: number): void {
+    this.ring.take(n);
+    for (let i = 0; i < n; i++) this.hold(chains[i]!);
+  }
+
+  private acceptable(chain: DescriptorChain): boolean {
+    const policy = this.handler!.faults;
+    if (policy === 'status') {
+      // Without a status byte no answer can reach the driver: taking the chain would read as success.
+      if (chain.statusBytes) return true;
+      this.fail(chain.fault ?? `chain at head ${chain.head} has no writable status byte`);
+      return false;
+    }
+    if (!chain.fault || policy === 'deliver') return true;
+    this.fail(chain.fault);
+    return false;
+  }
+
+  private hold(chain: DescriptorChain): void {
+    this.inflightRecord?.fetched(chain.head);
+    this.held++;
+    this.heldSegments += chain.count;
+    this.heldBytes += chain.readableBytes + chain.writableBytes;
+    this.turnChains++;
+  }
+
+  private release(chain: DescriptorChain): void {
+    this.held--;
+    this.heldSegments -= chain.count;
+    this.heldBytes -= chain.readableBytes + chain.writableBytes;
+  }
+
+  /** Complete a taken chain; `written` is the used length. The notification is batched to the end of the turn. */
+  complete(chain: DescriptorChain, written: number): void {
+    if (this.held === 0) return;
+    const rec = this.inflightRecord;
+    rec?.completing(chain.head);
+    this.ring.add(chain.head, written);
+    this.ring.publish();
+    if (rec) {
+      rec.done(chain.head);
+      rec.caughtUp(this.ring.usedIdx);
+    }
+    this.release(chain);
+    this.completed();
+  }
+
+  /** Complete several chains at once (one packet over several buffers): the driver sees all or none. */
+  completeMany(chains: readonly DescriptorChain[], written: readonly number[], n: number): void {
+    if (this.held < n) return;
+    const rec = this.inflightRecord;
+    for (let i = 0; i < n; i++) {
+      rec?.completing(chains[i]!.head);
+      this.ring.add(chains[i]!.head, written[i]!);
+    }
+    this.ring.publish();
+    for (let i = 0; i < n; i++) {
+      rec?.done(chains[i]!.head);
+      this.release(chains[i]!);
+    }
+    rec?.caughtUp(this.ring.usedIdx);
+    this.completed();
+  }
+
+  private completed(): void {
+    this.notifyPending = true;
+    if (!this.notifyScheduled) {
+      this.notifyScheduled = true;
+      setImmediate(() => this.flushNotify());
+    }
+    if (this.held === 0) this.resolveDrain();
+    // Room again after the in-flight bound stopped us: go on.
+    if (this.throttled && this.heldSegments < MAX_INFLIGHT_SEGMENTS && this.heldBytes < MAX_INFLIGHT_BYTES) {
+      this.throttled = false;
+      this.schedule();
+    }
+  }
+
+  private flushNotify(): void {
+    this.notifyScheduled = false;
+    if (!this.notifyPending) return;
+    this.notifyPending = false;
+    if (this.callFd < 0) return;
+    if (this.ring.needsNotify()) this.signalCall();
+    else this.suppressed++;
+  }
+
+  private signalCall(): void {
+    if (this.callFd < 0) return;
+    this.calls++;
+    const n = native.write(this.callFd, ONE);
+    if (n < 0 && n !== -EAGAIN) this.log.warn({ queue: this.index, errno: -n }, 'cannot signal call eventfd');
+  }
+
+  /** Stop serving: log, signal the err fd, tell the owner. Chains in flight still complete. */
+  fail(reason: string): void {
+    if (this.failed) return;
+    this.failed = reason;
+    this.log.error({ queue: this.index, reason }, 'virtqueue failed; it stays stopped until the front-end resets it');
+    if (this.errFd >= 0) native.write(this.errFd, ONE);
+    this.onFail?.(reason);
+  }
+
+  /**
+   * Stop taking chains, wait until those in flight are completed and
+   * signalled, and let go of the kick fd. Resolves to the next avail index.
+   */
+  async stop(): Promise<number> {
+    this.stopping = true;
+    this.stopWatching();
+    if (this.held > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
+    this.flushNotify();
+    return this.ring.nextAvail;
+  }
+
+  private resolveDrain(): void {
+    const waiters = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  private stopWatching(): void {
+    if (this.kickWatch) native.unwatch(this.kickWatch);
+    this.kickWatch = undefined;
+    if (this.pollTimer) clearInterval(this.pollTimer);
+    this.pollTimer = undefined;
+  }
+
+  /**
+   * Chains taken but never completed by an earlier back-end come first. The
+   * front-end restores the avail index to used->idx after a crash, so the next
+   * new chain is the one after those still in flight.
+   */
+  private recoverInflight(): void {
+    const ring = this.ring;
+    const r = this.inflightRecord!.start(this.size, ring.usedIdx);
+    if (r.reason) this.log.warn({ queue: this.index, reason: r.reason }, 'inflight record reset');
+    if (!r.recovered) return;
+    this.resubmit = r.resubmit;
+    const next = (ring.usedIdx + r.resubmit.length) & 0xffff;
+    if (next !== ring.nextAvail || r.resubmit.length) {
+      this.log.info({ queue: this.index, resubmit: r.resubmit.length, base: ring.nextAvail, next }, 'resuming requests left in flight');
+    } else {
+      this.log.debug({ queue: this.index, base: ring.nextAvail }, 'inflight record: nothing left in flight');
+    }
+    ring.rewindTo(next);
+  }
+}
