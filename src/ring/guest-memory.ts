@@ -287,6 +287,16 @@ export class GuestMemory {
     return r.windows[k]!.subarray(inWin, inWin + n);
   }
 
+  /** Whether every byte of [gpa, gpa+len) is guest memory (no views made). */
+  covers(gpa: number, len: number): boolean {
+    for (let addr = gpa, end = gpa + len; addr < end; ) {
+      const r = this.findGpa(addr);
+      if (!r) return false;
+      addr = r.gpa + r.size;
+    }
+    return true;
+  }
+
   /**
    * Append views of [gpa, gpa+len) to `out`, one per contiguous piece. Pieces
    * split at window and region boundaries. Returns false, appending nothing,

@@ -126,10 +126,13 @@ export class SplitRing implements Ring {
   }
 
   /**
-   * Resolve the chain at `head`. At most `size` descriptors are read in all
-   * (VIRTIO 1.2 §2.7.5.3.1: no chain is longer than the queue), the table
-   * included; problems that leave the rest of the chain readable are noted
-   * and the walk goes on, so the end (and the status byte) is still found.
+   * Resolve the chain at `head`. A chain longer than the queue (VIRTIO 1.2
+   * §2.7.5.3.1) or a table larger than it is a fault, but the walk goes on to
+   * the chain's end, so blk can still answer with an error status; problems
+   * that leave the rest readable are noted the same way. Every walk is
+   * bounded: direct descriptors by the queue size, an indirect table by its
+   * own reachable length (next is a u16), so a loop ends the walk without a
+   * status byte. Past MAX_CHAIN_SEGMENTS nothing more is kept.
    */
   private walk(head: number, chain: DescriptorChain): void {
     chain.reset(head);
@@ -148,7 +151,7 @@ export class SplitRing implements Ring {
     };
     for (;;) {
       if (budget-- === 0) {
-        fault(`descriptor chain from head ${head} is longer than the queue (${this.size}): a loop, or a table that does not end`);
+        fault(`descriptor chain from head ${head} does not end within its table: a loop`);
         statusAddr = -1;
         break;
       }
@@ -183,6 +186,7 @@ export class SplitRing implements Ring {
         }
         table = new DataView(place.bytes.buffer, place.bytes.byteOffset + place.offset, Math.min(len, REACHABLE_TABLE_BYTES));
         tableLen = Math.min(len / DESC_SIZE, REACHABLE_TABLE_BYTES / DESC_SIZE);
+        budget = tableLen;
         indirect = true;
         idx = 0;
         continue;
@@ -193,13 +197,14 @@ export class SplitRing implements Ring {
       total += len;
       if (total > MAX_CHAIN_BYTES) fault(`descriptor chain from head ${head} moves more than 4 GiB`);
       if (len > 0) {
-        const inMemory = hi < 0x200000 && addr + len <= MAX_ADDRESS && this.resolve(chain, addr, len, ordinal, writable && writing);
+        const inMemory = hi < 0x200000 && addr + len <= MAX_ADDRESS && this.resolve(chain, addr, len, ordinal, writable);
         if (!inMemory) fault(`descriptor ${idx} buffer ${hex(addr)} (+${len}) is outside guest memory`);
-        if (writable) statusAddr = inMemory ? addr + len - 1 : -1;
-        if (!writable || !writing) chain.readableBytes += len;
-        else chain.writableBytes += len;
+        // The status byte is the chain's last byte, and only a writable one can hold it.
+        statusAddr = writable && inMemory ? addr + len - 1 : -1;
+        if (writable) chain.writableBytes += len;
+        else chain.readableBytes += len;
       }
-      ordinal++;
+      if (++ordinal === this.size + 1) fault(`descriptor chain from head ${head} is longer than the queue (${this.size})`);
       if (!(flags & DESC_F_NEXT)) break;
       if (next >= tableLen) {
         fault(`descriptor ${idx} has next ${next}, table has ${tableLen}`);
@@ -219,6 +224,11 @@ export class SplitRing implements Ring {
 
   /** Views of one descriptor's buffer into the chain; false if any byte is outside guest memory. */
   private resolve(chain: DescriptorChain, addr: number, len: number, ordinal: number, writable: boolean): boolean {
+    // Past the segment limit only check the bytes, keeping nothing.
+    if (chain.full) {
+      chain.fault ??= `descriptor chain from head ${chain.head} needs more than ${MAX_CHAIN_SEGMENTS} segments`;
+      return this.mem.covers(addr, len);
+    }
     const mark = chain.count;
     for (let a = addr, left = len; left > 0; ) {
       const v = this.mem.slice(a, left);
