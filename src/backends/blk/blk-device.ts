@@ -262,20 +262,13 @@ export class BlkDevice implements Device {
           if (n === 0) continue; // nothing to do, and fallocate refuses a zero length
           ranges.push({ offset, length: n * SECTOR, unmap: (flags & WRITE_ZEROES_F_UNMAP) !== 0 });
         }
-        if (type === T_DISCARD) {
-          for (const r of ranges) {
-            const err = this.image.discard(r.offset, r.length);
-            if (err) return ioError(err);
-          }
-          finish(S_OK);
-          return;
-        }
         let i = 0;
         const next = (err: Error | null): void => {
           if (err) return ioError(err);
           if (i === ranges.length) return finish(S_OK);
           const r = ranges[i++]!;
-          this.image.writeZeroes(r.offset, r.length, r.unmap, this.writeThrough, next);
+          if (type === T_DISCARD) this.image.discard(r.offset, r.length, next);
+          else this.image.writeZeroes(r.offset, r.length, r.unmap, this.writeThrough, next);
         };
         next(null);
         return;
