@@ -221,7 +221,9 @@ s.send(bytes.fromhex("${Buffer.from(f).toString('hex')}"))
   it('kernel: read() on a tap into an iovec shorter than the frame returns the bytes copied, and the rest of the frame is lost', () => {
     ns.ip(`tuntap add dev ${TAP} mode tap vnet_hdr`);
     ns.ip(`link set dev ${TAP} mtu 9000 up`);
-    const frames = [1000, 9014].map((len) => Buffer.from(frame(len)).toString('hex'));
+    const hex = (len: number): string => Buffer.from(frame(len)).toString('hex');
+    const frames = [1000, 9014].map(hex);
+    const scratchFrames = [3072, 1000, 9014].map(hex); // 3072: exactly the two buffers
     // One process in the namespace holds the tap open, injects each frame through a packet socket and reads it.
     const script = `
       const fs = require('node:fs');
@@ -234,24 +236,41 @@ s.send(bytes.fromhex("${Buffer.from(f).toString('hex')}"))
       if (n.ioctl(fd, 0x400454ca, req) < 0) throw new Error('TUNSETIFF');
       if (n.ioctl(fd, 0x400454d8, new Int32Array([${HDR}])) < 0) throw new Error('TUNSETVNETHDRSZ');
       const junk = new Uint8Array(70000);
-      const out = [];
-      for (const hex of ${JSON.stringify(frames)}) {
+      const py = 'import socket,sys\\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\\ns.bind((\\'${TAP}\\',0))\\ns.send(bytes.fromhex(sys.argv[1]))';
+      /** Inject one frame from the namespace side, then readv it into buffers of these sizes. */
+      const injectAndRead = (hex, sizes) => {
         while (n.read(fd, junk) > 0);
-        const py = 'import socket,sys\\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\\ns.bind((\\'${TAP}\\',0))\\ns.send(bytes.fromhex(sys.argv[1]))';
         const p = spawnSync('python3', ['-c', py, hex], { encoding: 'utf8' });
         if (p.status !== 0) throw new Error(p.stderr);
-        const bufs = [new Uint8Array(${HDR}), new Uint8Array(1536), new Uint8Array(1536)];
+        const bufs = sizes.map((len) => new Uint8Array(len));
         let r = -11;
         const until = Date.now() + 5000;
         while (r === -11 && Date.now() < until) r = n.readv(fd, bufs);
+        return { r, bufs };
+      };
+      const out = [];
+      for (const hex of ${JSON.stringify(frames)}) {
+        const { r, bufs } = injectAndRead(hex, [${HDR}, 1536, 1536]);
         const copied = Buffer.concat(bufs.slice(1)).subarray(0, Math.max(0, r - ${HDR}));
         out.push({ r, again: n.read(fd, junk), prefix: copied.equals(Buffer.from(hex, 'hex').subarray(0, copied.length)) });
       }
+      // Exact detection: one private byte after the buffers. A frame that fits never reaches it.
+      for (const hex of ${JSON.stringify(scratchFrames)}) {
+        const { r } = injectAndRead(hex, [${HDR}, 1536, 1536, 1]);
+        out.push({ frame: hex.length / 2, r, truncated: r > ${HDR} + 3072 });
+      }
       console.log(JSON.stringify(out));`;
-    const [small, big] = JSON.parse(ns.sh(`${process.execPath} -e ${shellQuote(script)}`)) as { r: number; again: number; prefix: boolean }[];
+    const [small, big, ...scratch] = JSON.parse(ns.sh(`${process.execPath} -e ${shellQuote(script)}`)) as object[];
     expect(small).toEqual({ r: HDR + 1000, again: -11, prefix: true }); // it fits: the frame's length
     // Too long: the iovec's capacity (12 + 3072), not 12 + 9014; the head of the frame was copied,
     // nothing of it is left to read, and nothing says it was cut.
     expect(big).toEqual({ r: HDR + 2 * 1536, again: -11, prefix: true });
+    // So a reader cannot tell a frame that exactly fills the buffers from a cut one, unless it reads
+    // one more private byte after them: then bytes read > capacity means cut.
+    expect(scratch).toEqual([
+      { frame: 3072, r: HDR + 3072, truncated: false },
+      { frame: 1000, r: HDR + 1000, truncated: false },
+      { frame: 9014, r: HDR + 3073, truncated: true },
+    ]);
   });
 });
