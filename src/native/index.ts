@@ -37,6 +37,12 @@ export interface Native {
   pageSize(): number;
   /** fallocate(2): 0 or -errno. */
   fallocate(fd: number, mode: number, offset: number, length: number): number;
+  /**
+   * fallocate(2) on libuv's thread pool; cb runs on the calling thread's loop
+   * (main thread or worker) with 0 or -errno. For anything that may zero-fill:
+   * the synchronous one blocks the loop for as long as the kernel takes.
+   */
+  fallocateAsync(fd: number, mode: number, offset: number, length: number, cb: (rc: number) => void): void;
   /** Synchronous vectored I/O for non-blocking fds: bytes, or -errno. */
   readv(fd: number, views: ArrayBufferView[]): number;
   writev(fd: number, views: ArrayBufferView[]): number;

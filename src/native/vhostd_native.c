@@ -518,6 +518,76 @@ static napi_value js_fallocate(napi_env env, napi_callback_info info) {
   return make_int(env, rc < 0 ? -errno : 0);
 }
 
+// fallocateAsync(fd, mode, offset, length, cb(rc)): the same syscall on libuv's
+// thread pool, so a long zero-fill never stalls the caller's loop. cb runs on
+// the loop of the thread that called (napi async work is bound to its env, so
+// this works on worker threads too), with 0 or -errno.
+typedef struct {
+  napi_async_work work;
+  napi_ref callback;
+  int fd, mode, rc;
+  uint64_t offset, length;
+} fallocate_req_t;
+
+static void fallocate_execute(napi_env env, void *data) {
+  (void)env;
+  fallocate_req_t *r = data;
+  r->rc = fallocate(r->fd, r->mode, (off_t)r->offset, (off_t)r->length) < 0 ? -errno : 0;
+}
+
+static void fallocate_complete(napi_env env, napi_status status, void *data) {
+  fallocate_req_t *r = data;
+  napi_value cb, recv, arg, result;
+  if (status == napi_cancelled) r->rc = -ECANCELED;
+  if (napi_get_reference_value(env, r->callback, &cb) == napi_ok && cb) {
+    napi_get_global(env, &recv);
+    napi_create_int32(env, r->rc, &arg);
+    // An exception thrown by cb is reported by Node as uncaught, like any other callback's.
+    napi_call_function(env, recv, cb, 1, &arg, &result);
+  }
+  napi_delete_reference(env, r->callback);
+  napi_delete_async_work(env, r->work);
+  free(r);
+}
+
+static napi_value js_fallocate_async(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int32_t fd, mode;
+  uint64_t offset, length;
+  if (get_args(env, info, 5, argv) || get_i32(env, argv[0], &fd) || get_i32(env, argv[1], &mode) ||
+      get_u64(env, argv[2], &offset) || get_u64(env, argv[3], &length))
+    return NULL;
+  napi_valuetype t;
+  napi_typeof(env, argv[4], &t);
+  if (t != napi_function) {
+    napi_throw_type_error(env, NULL, "vhostd_native: fallocateAsync needs a callback");
+    return NULL;
+  }
+  fallocate_req_t *r = calloc(1, sizeof *r);
+  if (!r) return throw_errno(env, "fallocateAsync", ENOMEM);
+  r->fd = fd;
+  r->mode = mode;
+  r->offset = offset;
+  r->length = length;
+  napi_value name;
+  napi_create_string_utf8(env, "vhostd:fallocate", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_reference(env, argv[4], 1, &r->callback) != napi_ok ||
+      napi_create_async_work(env, NULL, name, fallocate_execute, fallocate_complete, r, &r->work) != napi_ok) {
+    if (r->callback) napi_delete_reference(env, r->callback);
+    free(r);
+    napi_throw_error(env, NULL, "vhostd_native: cannot create async work for fallocate");
+    return NULL;
+  }
+  if (napi_queue_async_work(env, r->work) != napi_ok) {
+    napi_delete_async_work(env, r->work);
+    napi_delete_reference(env, r->callback);
+    free(r);
+    napi_throw_error(env, NULL, "vhostd_native: cannot queue fallocate");
+    return NULL;
+  }
+  return NULL;
+}
+
 // ---- memory mapping ----
 
 // mmap(fd, length, offset, prot) -> address (BigInt). MAP_SHARED; 64-bit length and offset.
@@ -589,7 +659,7 @@ NAPI_MODULE_INIT() {
       {"read", js_read},       {"write", js_write},     {"close", js_close},
       {"ioctl", js_ioctl},     {"mmap", js_mmap},       {"munmap", js_munmap},
       {"view", js_view},       {"detach", js_detach},   {"address", js_address},
-      {"pageSize", js_page_size}, {"fallocate", js_fallocate},
+      {"pageSize", js_page_size}, {"fallocate", js_fallocate}, {"fallocateAsync", js_fallocate_async},
       {"dup", js_dup},         {"readv", js_readv},     {"setEvents", js_set_events},     {"writev", js_writev},   {"socket", js_socket},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {

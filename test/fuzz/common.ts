@@ -196,7 +196,7 @@ export async function checkLeaks(d: FuzzDaemon, base: Baseline, settleMs = 1_000
   for (;;) {
     const now = await idleState(d);
     if (!now) return 'the daemon did not accept a connection for the leak check within 5 s';
-    // The image may legitimately gain a lazily opened O_DSYNC descriptor.
+    // The image's own descriptors (buffered, O_DSYNC, O_DIRECT with --direct) are all opened at start.
     const imageFds = now.fds.targets.get(d.image) ?? 0;
     const grew = fdGrowth(base.fds, now.fds, (t) => t === d.image);
     const problems: string[] = [];

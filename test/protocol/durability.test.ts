@@ -1,8 +1,8 @@
 // Durability as the syscalls show it: strace on the daemon proves that a
 // FLUSH completes only after fdatasync returned, and that with writeback off a
-// write goes through an O_DSYNC descriptor before it completes.
+// write goes through an O_DSYNC descriptor (opened when the image is) before it completes.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -54,6 +54,24 @@ async function trace(pid: number): Promise<{ stop(): Promise<Syscall[]> }> {
   };
 }
 
+const O_DSYNC = 0o10000;
+
+/** The daemon's descriptor on `path` opened with O_DSYNC, from /proc/<pid>/fdinfo. */
+function dsyncFd(pid: number, path: string): string | undefined {
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    let target: string;
+    try {
+      target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+    } catch {
+      continue; // closed meanwhile
+    }
+    if (target !== path) continue;
+    const flags = /^flags:\s+([0-7]+)/m.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+    if (flags && (parseInt(flags[1]!, 8) & O_DSYNC) !== 0) return fd;
+  }
+  return undefined;
+}
+
 describe('durability (vhostd, seen through strace)', () => {
   const be = useBackend('vhostd');
 
@@ -85,9 +103,9 @@ describe('durability (vhostd, seen through strace)', () => {
       const after = secondsOfDay(Date.now());
       const calls = await tr.stop();
       expect(r.status).toBe(S.OK);
-      const open = calls.find((c) => c.name === 'openat' && c.args.includes('O_DSYNC') && c.args.includes(be().image));
-      expect(open, 'an O_DSYNC descriptor on the image').toBeDefined();
-      const fd = open!.ret;
+      // The image opens its O_DSYNC descriptor at start (not in the middle of a request): find it in /proc.
+      const fd = dsyncFd(be().proc.pid!, be().image);
+      expect(fd, 'an O_DSYNC descriptor on the image').toBeDefined();
       const write = calls.find((c) => c.name.startsWith('pwrite') && c.args.startsWith(`${fd},`));
       expect(write, `a write through fd ${fd}`).toBeDefined();
       expect(write!.start).toBeGreaterThanOrEqual(before - 0.001);

@@ -22,8 +22,11 @@ export class Image {
   private readonly fd: number;
   /** O_DIRECT fd for aligned requests, when --direct is on. */
   private readonly directFd: number;
-  /** O_DSYNC fd for write-through mode, opened on first use. */
-  private dsyncFd = -1;
+  /**
+   * O_DSYNC fd for write-through mode. Opened here, with the others: opening it
+   * when the first write-through request arrives would block the loop in openat.
+   */
+  private readonly dsyncFd: number;
 
   constructor(opts: ImageOptions) {
     this.path = opts.path;
@@ -37,6 +40,12 @@ export class Image {
       else if (st.isBlockDevice()) this.size = blockDeviceSize(this.fd);
       else throw new Error(`${opts.path} is neither a regular file nor a block device`);
       this.directFd = opts.direct ? openSync(opts.path, mode | constants.O_DIRECT) : -1;
+      try {
+        this.dsyncFd = openSync(opts.path, mode | constants.O_DSYNC);
+      } catch (e) {
+        if (this.directFd >= 0) closeSync(this.directFd);
+        throw e;
+      }
     } catch (e) {
       closeSync(this.fd);
       throw e;
@@ -49,20 +58,12 @@ export class Image {
 
   /** Pick the fd for one request: direct when everything is aligned, else buffered. */
   private fdFor(position: number, iov: Uint8Array[], durable: boolean): number {
-    if (durable) return this.dsync();
+    if (durable) return this.dsyncFd;
     if (this.directFd < 0 || position % DIRECT_ALIGN) return this.fd;
     for (const v of iov) {
       if (v.byteLength % DIRECT_ALIGN || Number(native.address(v) % BigInt(DIRECT_ALIGN))) return this.fd;
     }
     return this.directFd;
-  }
-
-  private dsync(): number {
-    if (this.dsyncFd < 0) {
-      const flags = (this.readonly ? constants.O_RDONLY : constants.O_RDWR) | constants.O_DSYNC;
-      this.dsyncFd = openSync(this.path, flags);
-    }
-    return this.dsyncFd;
   }
 
   read(position: number, iov: Uint8Array[], cb: (err: Error | null) => void): void {
@@ -78,32 +79,45 @@ export class Image {
     fdatasync(this.fd, (err) => cb(err));
   }
 
-  /** Deallocate a range; reads of it return zeros afterwards. */
+  /**
+   * Deallocate a range; reads of it return zeros afterwards. fallocate runs on
+   * libuv's thread pool (a block device may take long over it), and cb runs on
+   * the calling thread's loop. A file system that cannot punch holes succeeds:
+   * discard is a hint.
+   */
   discard(offset: number, length: number, cb: (err: Error | null) => void): void {
-    const rc = native.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
-    // Discard is a hint: a file system that cannot punch holes loses nothing.
-    const err = rc === 0 || rc === -EOPNOTSUPP ? null : new Error(`punch hole failed: errno ${-rc}`);
-    queueMicrotask(() => cb(err));
+    native.fallocateAsync(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, (rc) => {
+      if (rc === 0 || rc === -EOPNOTSUPP) cb(null);
+      else cb(new Error(`punch hole failed: errno ${-rc}`));
+    });
   }
 
-  /** Make a range read as zeros, deallocating it if `unmap` allows. */
+  /**
+   * Make a range read as zeros, deallocating it if `unmap` allows. Every
+   * fallocate runs on the thread pool, as in discard(); without fallocate
+   * support the zeros are written (thread pool too).
+   */
   writeZeroes(offset: number, length: number, unmap: boolean, durable: boolean, cb: (err: Error | null) => void): void {
     const modes = unmap ? [FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE] : [FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE];
-    for (const mode of modes) {
-      const rc = native.fallocate(this.fd, mode, offset, length);
-      if (rc === 0) {
-        if (durable) this.flush(cb);
-        else cb(null);
-        return;
-      }
-      if (rc !== -EOPNOTSUPP) return cb(new Error(`fallocate failed: errno ${-rc}`));
-    }
-    // No fallocate support: write the zeros.
+    const done = (err: Error | null): void => (durable && !err ? this.flush(cb) : cb(err));
+    const attempt = (m: number): void => {
+      if (m === modes.length) return this.writeZeroChunks(offset, length, done);
+      native.fallocateAsync(this.fd, modes[m]!, offset, length, (rc) => {
+        if (rc === 0) return done(null);
+        if (rc !== -EOPNOTSUPP) return cb(new Error(`fallocate failed: errno ${-rc}`));
+        attempt(m + 1);
+      });
+    };
+    attempt(0);
+  }
+
+  /** No fallocate support: write the zeros. */
+  private writeZeroChunks(offset: number, length: number, cb: (err: Error | null) => void): void {
     const chunks: Uint8Array[] = [];
     for (let left = length; left > 0; left -= ZERO_CHUNK.length) chunks.push(ZERO_CHUNK.subarray(0, Math.min(left, ZERO_CHUNK.length)));
     let i = 0;
     const next = (err: Error | null): void => {
-      if (err || i === chunks.length) return durable && !err ? this.flush(cb) : cb(err);
+      if (err || i === chunks.length) return cb(err);
       const pos = offset + i * ZERO_CHUNK.length;
       transfer(writev, this.fd, pos, [chunks[i++]!], next);
     };

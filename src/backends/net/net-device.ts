@@ -14,7 +14,7 @@ import { MAX_QUEUE_SIZE } from '../../limits.js';
 import { native } from '../../native/index.js';
 import type { QueueLogger, QueueRunner } from '../../ring/executor.js';
 import { createRunner, noStats, type NetStats, type PairSetup } from './queue-pair.js';
-import { Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO } from './tap.js';
+import { Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO } from './tap.js';
 
 export type { NetStats } from './queue-pair.js';
 
@@ -35,6 +35,23 @@ export const NET_F_MQ = 22;
 const PROTOCOL_F_RARP = 2;
 const PROTOCOL_F_MTU = 4;
 
+/**
+ * The tap offloads for the guest's acked features: what the guest can take in
+ * packets the tap delivers. Every offload needs GUEST_CSUM, and TSO_ECN only
+ * means something with TSO4 or TSO6 (the kernel refuses it alone, and a driver
+ * may ack GUEST_ECN without either).
+ */
+export function tapOffloads(acked: bigint): number {
+  const has = (b: number): boolean => (acked & bit(b)) !== 0n;
+  if (!has(NET_F_GUEST_CSUM)) return 0;
+  let off = TUN_F_CSUM;
+  if (has(NET_F_GUEST_TSO4)) off |= TUN_F_TSO4;
+  if (has(NET_F_GUEST_TSO6)) off |= TUN_F_TSO6;
+  if (has(NET_F_GUEST_ECN) && off & (TUN_F_TSO4 | TUN_F_TSO6)) off |= TUN_F_TSO_ECN;
+  if (has(NET_F_GUEST_UFO)) off |= TUN_F_UFO;
+  return off;
+}
+
 export interface NetOptions {
   tap: Tap;
   queuePairs: number;
@@ -53,7 +70,8 @@ export class NetDevice implements Device {
   readonly protocolFeatures: bigint;
   private readonly tap: Tap;
   private readonly maxMtu: number | undefined;
-  private mtu = 1500;
+  /** The tap's MTU as last read: RX buffers are sized for it (tun truncates longer frames silently). */
+  private mtu: number;
   private hdrLen = 10;
   private mergeable = false;
   private bigRx = false;
@@ -72,7 +90,8 @@ export class NetDevice implements Device {
     this.queueNum = opts.queuePairs;
     this.numQueues = 2 * opts.queuePairs;
     this.maxMtu = opts.mtu;
-    if (opts.mtu) this.mtu = opts.mtu;
+    this.mtu = opts.mtu ?? 1500;
+    this.readTapMtu();
     let f = 0n;
     for (const b of [
       NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_TSO4, NET_F_GUEST_TSO6, NET_F_GUEST_ECN, NET_F_GUEST_UFO,
@@ -90,22 +109,42 @@ export class NetDevice implements Device {
     return this.pairStats.map((p) => ({ ...p }));
   }
 
+  /**
+   * Read the tap's MTU; it may have changed since the last connection. On
+   * failure the last value stays and a warning says so.
+   */
+  private readTapMtu(): void {
+    try {
+      const mtu = this.tap.mtu();
+      if (mtu !== this.mtu) this.log.info({ tap: this.tap.name, mtu, was: this.mtu }, 'tap MTU read');
+      this.mtu = mtu;
+    } catch (e) {
+      this.log.warn({ tap: this.tap.name, mtu: this.mtu, reason: (e as Error).message }, 'cannot read the tap MTU; RX buffers sized for the last known one');
+    }
+  }
+
+  /**
+   * Throws TapError only if the vnet header size cannot be set (then no
+   * packet could be parsed). Offloads the tap refuses are turned off instead,
+   * with an error log: fewer offloads than acked is always safe for the guest.
+   */
   setFeatures(acked: bigint): void {
     const has = (b: number): boolean => (acked & bit(b)) !== 0n;
     this.mergeable = has(NET_F_MRG_RXBUF);
     this.hdrLen = has(VIRTIO_F_VERSION_1) || this.mergeable ? 12 : 10;
     this.tap.setVnetHdrSize(this.hdrLen);
-    let off = 0;
-    if (has(NET_F_GUEST_CSUM)) {
-      off |= TUN_F_CSUM;
-      if (has(NET_F_GUEST_TSO4)) off |= TUN_F_TSO4;
-      if (has(NET_F_GUEST_TSO6)) off |= TUN_F_TSO6;
-      if (has(NET_F_GUEST_ECN)) off |= TUN_F_TSO_ECN;
-      if (has(NET_F_GUEST_UFO)) off |= TUN_F_UFO;
+    let off = tapOffloads(acked);
+    try {
+      this.tap.setOffload(off);
+    } catch (e) {
+      if (!(e instanceof TapError) || off === 0) throw e;
+      this.log.error({ tap: this.tap.name, offloads: off, reason: e.message }, 'tap refused the offloads; running without any');
+      off = 0;
+      this.tap.setOffload(0);
     }
-    this.tap.setOffload(off);
     this.bigRx = (off & (TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_UFO)) !== 0;
-    this.log.debug({ hdrLen: this.hdrLen, mergeable: this.mergeable, offloads: off }, 'net features set');
+    this.readTapMtu();
+    this.log.debug({ hdrLen: this.hdrLen, mergeable: this.mergeable, offloads: off, mtu: this.mtu }, 'net features set');
   }
 
   readConfig(): Uint8Array | undefined {
@@ -125,7 +164,8 @@ export class NetDevice implements Device {
       return (e as Error).message;
     }
     this.mtu = mtu;
-    this.log.info({ mtu }, 'MTU set');
+    this.readTapMtu(); // what the kernel made of it
+    this.log.info({ mtu: this.mtu }, 'MTU set');
     return undefined;
   }
 
@@ -154,8 +194,10 @@ export class NetDevice implements Device {
     return index >> 1;
   }
 
+  /** Each ring start re-reads the tap's MTU, which sizes the pair's RX buffers. */
   queueSetup(index: number): PairSetup {
     const pair = index >> 1;
+    this.readTapMtu();
     return { pair, tapFd: this.tap.fds[pair]!, hdrLen: this.hdrLen, mergeable: this.mergeable, bigRx: this.bigRx, mtu: this.mtu };
   }
 

@@ -14,6 +14,8 @@ export const ETH_OVERHEAD = 18;
 const RX_BUDGET = 256;
 /** Enough chains for the largest frame in the smallest buffers Linux posts (hdr + 1 byte each is absurd; 64 KiB / 1 KiB is not). */
 const MAX_RX_CHAINS = 256;
+/** Guest segments one RX readv may carry: IOV_MAX less the spill byte. */
+const RX_MAX_IOV = 1023;
 
 export interface NetStats {
   txPackets: number;
@@ -70,6 +72,11 @@ export class QueuePair {
   private readonly iov: Uint8Array[] = [];
   private readonly rxChains: DescriptorChain[] = [];
   private readonly rxLens: number[] = [];
+  /**
+   * One byte past every RX read: tun copies only what fits and returns the
+   * bytes copied, so a read that reaches into it was a frame cut short.
+   */
+  private readonly spill = new Uint8Array(1);
   /** A frame read before there was room for it in guest buffers; `held` bytes of it. */
   private bounce = new Uint8Array(0);
   private held = 0;
@@ -198,13 +205,14 @@ export class QueuePair {
   }
 
   /**
-   * Peek available RX chains from `from` until `want` bytes are covered (or
-   * none is left). Returns [chains, bytes], or undefined when one is unusable
-   * (the queue failed) or the executor wants us to yield.
+   * Peek available RX chains until `want` bytes are covered, none is left, or
+   * (for a direct read) one more would not fit one readv. Undefined when a
+   * chain is unusable (the queue failed) or the executor wants us to yield.
    */
-  private gather(q: QueueExecutor, want: number): { count: number; bytes: number } | undefined {
+  private gather(q: QueueExecutor, want: number, direct: boolean): { count: number; bytes: number } | undefined {
     let count = 0;
     let bytes = 0;
+    let segs = 0;
     const { hdrLen, mergeable } = this.s;
     while (bytes < want && count < MAX_RX_CHAINS) {
       const c = this.rxChain(count);
@@ -214,6 +222,8 @@ export class QueuePair {
         q.fail(`unusable rx buffer at head ${c.head}: ${c.writableBytes} writable, ${c.readableBytes} readable bytes`);
         return undefined;
       }
+      if (direct && segs + c.count > RX_MAX_IOV) break;
+      segs += c.count;
       count++;
       bytes += c.writableBytes;
       if (!mergeable) break;
@@ -234,21 +244,25 @@ export class QueuePair {
         if (r !== 'placed') return r;
         continue;
       }
-      const g = this.gather(q, room);
+      const g = this.gather(q, room, true);
       if (!g) return 'idle';
-      if (g.count === 0) {
+      if (g.count === 0 && q.available() > 0) {
+        // A chain too fragmented for one readv: read aside and copy it in.
+        g.bytes = 0;
+      } else if (g.count === 0) {
         // No buffer at all: leave the tap alone until the guest posts one.
         this.stats.rxNoBuffer++;
         this.rxWantsTap = false;
         this.update();
         return 0;
       }
-      if (g.bytes >= room || !mergeable) {
+      if (g.count > 0 && (g.bytes >= room || !mergeable)) {
         this.iov.length = 0;
         for (let i = 0; i < g.count; i++) {
           const c = this.rxChains[i]!;
           this.writer.reset(c).views(c.writableBytes, this.iov);
         }
+        this.iov.push(this.spill);
         let r = native.readv(tapFd, this.iov);
         while (r === -EINTR) r = native.readv(tapFd, this.iov);
         this.iov.length = 0;
@@ -257,7 +271,6 @@ export class QueuePair {
           this.drop('rx', `tap read failed: ${r < 0 ? `errno ${-r}` : `${r} bytes`}`);
           continue;
         }
-        // tun reports a frame's full length even when it copied less.
         if (r > g.bytes || r > room) {
           this.stats.rxTruncated++;
           this.drop('rx', `frame of ${r} bytes did not fit the ${Math.min(g.bytes, room)} bytes read`);
@@ -267,8 +280,8 @@ export class QueuePair {
         continue;
       }
       // Fewer bytes posted than the largest frame: read it aside, then see whether it fits.
-      if (this.bounce.length < room) this.bounce = new Uint8Array(room);
-      const b = this.bounce.subarray(0, room);
+      if (this.bounce.length < room + 1) this.bounce = new Uint8Array(room + 1);
+      const b = this.bounce.subarray(0, room + 1); // the last byte is the spill byte
       let r = native.readv(tapFd, [b]);
       while (r === -EINTR) r = native.readv(tapFd, [b]);
       if (r === -EAGAIN) return this.waitForTap();
@@ -300,10 +313,11 @@ export class QueuePair {
    * the whole ring is posted and still too small: then the frame can never fit.
    */
   private placeHeld(q: QueueExecutor): 'placed' | RunResult {
-    const g = this.gather(q, this.held);
+    const g = this.gather(q, this.held, false);
     if (!g) return 'idle';
     if (g.bytes < this.held) {
-      if (g.count >= q.size || g.count >= MAX_RX_CHAINS) {
+      // Without MRG_RXBUF a frame goes into one buffer, so a bigger buffer behind it cannot help.
+      if (g.count >= q.size || g.count >= MAX_RX_CHAINS || (!this.s.mergeable && g.count > 0)) {
         this.stats.rxTooBig++;
         this.dropHeld(`frame of ${this.held} bytes is larger than the ${g.bytes} bytes the whole ring can post`);
         return 'placed';

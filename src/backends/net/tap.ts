@@ -8,6 +8,7 @@ const TUNSETOFFLOAD = 0x400454d0;
 const TUNSETVNETHDRSZ = 0x400454d8;
 const SIOCGIFFLAGS = 0x8913;
 const SIOCSIFFLAGS = 0x8914;
+const SIOCGIFMTU = 0x8921;
 const SIOCSIFMTU = 0x8922;
 const IFF_UP = 0x1;
 const IFF_TAP = 0x0002;
@@ -102,6 +103,11 @@ export class Tap {
     }
   }
 
+  /**
+   * TUNSETOFFLOAD on every queue. The kernel refuses (EINVAL) any flag it does
+   * not know or that lacks its prerequisite: everything needs TUN_F_CSUM, and
+   * TUN_F_TSO_ECN needs TUN_F_TSO4 or TUN_F_TSO6.
+   */
   setOffload(flags: number): void {
     for (const fd of this.fds) {
       const rc = native.ioctl(fd, TUNSETOFFLOAD, flags);
@@ -117,6 +123,16 @@ export class Tap {
     } finally {
       native.close(fd);
     }
+  }
+
+  /** The interface's MTU now (SIOCGIFMTU): an admin may change it at any time. */
+  mtu(): number {
+    return this.withSocket((s) => {
+      const req = ifreq(this.name);
+      const rc = native.ioctl(s, SIOCGIFMTU, req);
+      if (rc < 0) throw explain('SIOCGIFMTU', this.name, -rc);
+      return new DataView(req.buffer).getInt32(IFNAMSIZ, true);
+    });
   }
 
   setMtu(mtu: number): void {

@@ -1,0 +1,276 @@
+// vhostd net and the tap it is given: RX buffers sized from the tap's own MTU
+// (an admin may have set it before vhostd started, or between connections),
+// offloads the kernel accepts whatever the guest acked, and what a tap read
+// into too short an iovec returns (the kernel behaviour truncation detection
+// rests on). The tap lives in a private namespace.
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { startVhostdNet, type Backend } from '../e2e/daemons.js';
+import { Netns } from '../e2e/netns.js';
+import { FrontEnd } from '../driver/frontend.js';
+import { GuestMemory } from '../driver/guest.js';
+import { SplitQueue, type UsedElem } from '../driver/virtqueue.js';
+import { bit, PF, VF } from '../driver/wire.js';
+
+const TAP = 'vtnt0';
+const HDR = 12; // VERSION_1 / MRG_RXBUF header, num_buffers included
+const NET_F_GUEST_CSUM = 1;
+const NET_F_GUEST_ECN = 9;
+const NET_F_MRG_RXBUF = 15;
+const ADDON = fileURLToPath(new URL('../../build/Release/vhostd_native.node', import.meta.url));
+
+const shellQuote = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
+
+/** An Ethernet frame of `len` bytes (broadcast, a local ethertype) with a recognisable payload. */
+function frame(len: number, seed = 0): Uint8Array {
+  const f = new Uint8Array(len);
+  f.fill(0xff, 0, 6);
+  f.set([0x02, 0, 0, 0, 0, 0x01], 6);
+  f[12] = 0x88;
+  f[13] = 0xb5;
+  for (let i = 14; i < len; i++) f[i] = (i * 7 + seed) & 0xff;
+  return f;
+}
+
+// Both places a pair runs: a queue thread (the default: its setup crosses to the thread at each ring
+// start) and the daemon's own thread.
+describe.each([
+  ['on a queue thread', []],
+  ['on the main thread', ['--threads', '0']],
+])('vhostd net and its tap, pair %s', { timeout: 60_000 }, (_mode, threadArgs: string[]) => {
+  let ns: Netns;
+  let dir: string;
+  let daemon: Backend | undefined;
+  let fe: FrontEnd | undefined;
+  let mem: GuestMemory | undefined;
+  let rx: SplitQueue | undefined;
+  let tx: SplitQueue | undefined;
+
+  beforeEach(async () => {
+    ns = new Netns('nt');
+    ns.sh('sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1');
+    dir = await mkdtemp(join(tmpdir(), 'vhostd-nettap-'));
+  });
+
+  afterEach(async () => {
+    closeSession();
+    await daemon?.stop();
+    daemon = undefined;
+    ns?.destroy();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  function closeSession(): void {
+    fe?.close();
+    rx?.destroy();
+    tx?.destroy();
+    mem?.destroy();
+    fe = mem = rx = tx = undefined;
+  }
+
+  /** A tap that exists before vhostd starts, as an admin would leave it. */
+  function existingTap(mtu: number): void {
+    ns.ip(`tuntap add dev ${TAP} mode tap vnet_hdr`);
+    ns.ip(`link set dev ${TAP} mtu ${mtu} up`);
+  }
+
+  async function startDaemon(args: string[] = []): Promise<void> {
+    daemon = await startVhostdNet(ns.name, ['--tap', TAP, ...threadArgs, ...args], join(dir, 'net.sock'));
+  }
+
+  /** Connect and start both rings as QEMU does; returns SET_FEATURES' ack. */
+  async function open(deviceFeatures: bigint): Promise<bigint> {
+    fe = await FrontEnd.connect(daemon!.socket);
+    mem = new GuestMemory();
+    const offered = await fe.getFeatures();
+    const want = bit(VF.VERSION_1) | bit(VF.PROTOCOL_FEATURES) | deviceFeatures;
+    expect(offered & want).toBe(want);
+    await fe.setProtocolFeatures((await fe.getProtocolFeatures()) & (bit(PF.MQ) | bit(PF.REPLY_ACK)));
+    await fe.setOwner();
+    const ack = await fe.setFeatures(want, { needReply: true });
+    await fe.setMemTable(mem.table());
+    rx = new SplitQueue(mem, 0, 256, 0);
+    tx = new SplitQueue(mem, 1, 256, 1);
+    for (const q of [rx, tx]) {
+      await fe.setVringNum(q.index, q.size);
+      await fe.setVringBase(q.index, 0);
+      await fe.setVringAddr({ index: q.index, ...q.addrs() });
+      await fe.setVringKick(q.index, q.kickFd);
+      await fe.setVringCall(q.index, q.callFd);
+      await fe.setVringEnable(q.index, true);
+    }
+    return ack;
+  }
+
+  function inject(f: Uint8Array): void {
+    ns.sh(`python3 -c '
+import socket
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("${TAP}", 0))
+s.send(bytes.fromhex("${Buffer.from(f).toString('hex')}"))
+'`);
+  }
+
+  const tapStat = (name: string): number => Number(ns.sh(`cat /sys/class/net/${TAP}/statistics/${name}`));
+
+  /** Post `count` mergeable RX buffers of `size` bytes; returns head -> guest address. */
+  function postRx(count: number, size: number): Map<number, number> {
+    const byHead = new Map<number, number>();
+    for (let i = 0; i < count; i++) {
+      const gpa = mem!.alloc(size);
+      byHead.set(rx!.submit([{ gpa, len: size, write: true }]), gpa);
+    }
+    rx!.kick();
+    return byHead;
+  }
+
+  /** Wait for the used entries of one packet: num_buffers of them, as the first buffer's header says. */
+  async function receivePacket(byHead: Map<number, number>): Promise<{ numBuffers: number; used: UsedElem[]; bytes: Uint8Array }> {
+    const used = await rx!.waitUsed(1);
+    const first = mem!.read(byHead.get(used[0]!.id)!, HDR);
+    const numBuffers = new DataView(first.buffer, first.byteOffset).getUint16(10, true);
+    // The device publishes a packet's buffers together; give a late batch a moment anyway.
+    for (let i = 0; i < 100 && used.length < numBuffers; i++) {
+      await new Promise((r) => setTimeout(r, 10));
+      used.push(...rx!.collect());
+    }
+    const parts = used.map((u) => mem!.read(byHead.get(u.id)!, u.len));
+    const bytes = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    let at = 0;
+    for (const p of parts) {
+      bytes.set(p, at);
+      at += p.length;
+    }
+    return { numBuffers, used, bytes };
+  }
+
+  /** A jumbo frame into mergeable 1536-byte buffers arrives whole: num_buffers, lengths and bytes. */
+  async function expectWholeJumbo(frameLen: number): Promise<void> {
+    const byHead = postRx(16, 1536);
+    const f = frame(frameLen);
+    inject(f);
+    const { numBuffers, used, bytes } = await receivePacket(byHead);
+    const want = Math.ceil((HDR + frameLen) / 1536);
+    expect({ numBuffers, entries: used.length, total: bytes.length }, 'num_buffers, used entries and total length').toEqual({
+      numBuffers: want,
+      entries: want,
+      total: HDR + frameLen,
+    });
+    expect(used.slice(0, -1).every((u) => u.len === 1536), 'every buffer but the last filled').toBe(true);
+    expect(Buffer.from(bytes.subarray(HDR)).equals(Buffer.from(f)), 'frame bytes').toBe(true);
+  }
+
+  it('a tap with MTU 9000 before vhostd starts (no --mtu): a 9014-byte frame arrives whole in mergeable 1536-byte buffers', async () => {
+    existingTap(9000);
+    await startDaemon();
+    expect(await open(bit(NET_F_MRG_RXBUF))).toBe(0n);
+    await expectWholeJumbo(9014); // MTU 9000 of payload + the 14-byte Ethernet header
+    expect(daemon!.output()).not.toMatch(/internal error/);
+  });
+
+  it('the tap MTU raised to 9000 between connections: the next connection receives jumbo frames whole', async () => {
+    existingTap(1500);
+    await startDaemon();
+    expect(await open(bit(NET_F_MRG_RXBUF))).toBe(0n);
+    const byHead = postRx(4, 1536);
+    inject(frame(1514));
+    const first = await receivePacket(byHead);
+    expect(first.bytes.length).toBe(HDR + 1514);
+    closeSession();
+    ns.ip(`link set dev ${TAP} mtu 9000`);
+    // vhostd takes the next front-end once the first is torn down: retry like QEMU's reconnect.
+    for (let i = 0; ; i++) {
+      try {
+        expect(await open(bit(NET_F_MRG_RXBUF))).toBe(0n);
+        break;
+      } catch (e) {
+        closeSession();
+        if (i === 100) throw e;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+    await expectWholeJumbo(9014);
+  });
+
+  it('GUEST_CSUM|GUEST_ECN without TSO4/TSO6: SET_FEATURES acks OK and the pair moves a frame both ways', async () => {
+    await startDaemon(); // vhostd creates the tap
+    expect(await open(bit(NET_F_GUEST_CSUM) | bit(NET_F_GUEST_ECN))).toBe(0n);
+    // Guest to tap.
+    const before = tapStat('rx_packets');
+    const out = frame(60, 1);
+    const gpa = mem!.alloc(HDR + out.length);
+    mem!.write(gpa, new Uint8Array(HDR));
+    mem!.write(gpa + HDR, out);
+    tx!.submit([{ gpa, len: HDR + out.length, write: false }]);
+    tx!.kick();
+    await tx!.waitUsed(1);
+    expect(tapStat('rx_packets') - before).toBe(1);
+    // Tap to guest.
+    const byHead = postRx(2, 2048);
+    const f = frame(100, 2);
+    inject(f);
+    const got = await receivePacket(byHead);
+    expect(Buffer.from(got.bytes.subarray(HDR)).equals(Buffer.from(f))).toBe(true);
+    expect(daemon!.output()).not.toMatch(/internal error|closing connection/);
+  });
+
+  // Not vhostd's code: the kernel behaviour RX truncation detection has to rest on.
+  it('kernel: read() on a tap into an iovec shorter than the frame returns the bytes copied, and the rest of the frame is lost', () => {
+    ns.ip(`tuntap add dev ${TAP} mode tap vnet_hdr`);
+    ns.ip(`link set dev ${TAP} mtu 9000 up`);
+    const hex = (len: number): string => Buffer.from(frame(len)).toString('hex');
+    const frames = [1000, 9014].map(hex);
+    const scratchFrames = [3072, 1000, 9014].map(hex); // 3072: exactly the two buffers
+    // One process in the namespace holds the tap open, injects each frame through a packet socket and reads it.
+    const script = `
+      const fs = require('node:fs');
+      const { spawnSync } = require('node:child_process');
+      const n = require(${JSON.stringify(ADDON)});
+      const fd = fs.openSync('/dev/net/tun', fs.constants.O_RDWR | fs.constants.O_NONBLOCK);
+      const req = new Uint8Array(40);
+      req.set(new TextEncoder().encode(${JSON.stringify(TAP)}));
+      new DataView(req.buffer).setUint16(16, 0x0002 | 0x1000 | 0x4000, true); // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+      if (n.ioctl(fd, 0x400454ca, req) < 0) throw new Error('TUNSETIFF');
+      if (n.ioctl(fd, 0x400454d8, new Int32Array([${HDR}])) < 0) throw new Error('TUNSETVNETHDRSZ');
+      const junk = new Uint8Array(70000);
+      const py = 'import socket,sys\\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\\ns.bind((\\'${TAP}\\',0))\\ns.send(bytes.fromhex(sys.argv[1]))';
+      /** Inject one frame from the namespace side, then readv it into buffers of these sizes. */
+      const injectAndRead = (hex, sizes) => {
+        while (n.read(fd, junk) > 0);
+        const p = spawnSync('python3', ['-c', py, hex], { encoding: 'utf8' });
+        if (p.status !== 0) throw new Error(p.stderr);
+        const bufs = sizes.map((len) => new Uint8Array(len));
+        let r = -11;
+        const until = Date.now() + 5000;
+        while (r === -11 && Date.now() < until) r = n.readv(fd, bufs);
+        return { r, bufs };
+      };
+      const out = [];
+      for (const hex of ${JSON.stringify(frames)}) {
+        const { r, bufs } = injectAndRead(hex, [${HDR}, 1536, 1536]);
+        const copied = Buffer.concat(bufs.slice(1)).subarray(0, Math.max(0, r - ${HDR}));
+        out.push({ r, again: n.read(fd, junk), prefix: copied.equals(Buffer.from(hex, 'hex').subarray(0, copied.length)) });
+      }
+      // Exact detection: one private byte after the buffers. A frame that fits never reaches it.
+      for (const hex of ${JSON.stringify(scratchFrames)}) {
+        const { r } = injectAndRead(hex, [${HDR}, 1536, 1536, 1]);
+        out.push({ frame: hex.length / 2, r, truncated: r > ${HDR} + 3072 });
+      }
+      console.log(JSON.stringify(out));`;
+    const [small, big, ...scratch] = JSON.parse(ns.sh(`${process.execPath} -e ${shellQuote(script)}`)) as object[];
+    expect(small).toEqual({ r: HDR + 1000, again: -11, prefix: true }); // it fits: the frame's length
+    // Too long: the iovec's capacity (12 + 3072), not 12 + 9014; the head of the frame was copied,
+    // nothing of it is left to read, and nothing says it was cut.
+    expect(big).toEqual({ r: HDR + 2 * 1536, again: -11, prefix: true });
+    // So a reader cannot tell a frame that exactly fills the buffers from a cut one, unless it reads
+    // one more private byte after them: then bytes read > capacity means cut.
+    expect(scratch).toEqual([
+      { frame: 3072, r: HDR + 3072, truncated: false },
+      { frame: 1000, r: HDR + 1000, truncated: false },
+      { frame: 9014, r: HDR + 3073, truncated: true },
+    ]);
+  });
+});
