@@ -166,9 +166,13 @@ describe('a hostile front-end', { timeout: 90_000 }, () => {
         // Then flood until the reply comes: SET_VRING_ERR for queue 1 carrying an fd, then
         // 500 SET_OWNER in one write, over and over; none asks for a reply.
         const errMsg = frame(Req.SET_VRING_ERR, VERSION, u64(1));
+        let carry: Uint8Array | undefined; // the rest of a partial write goes out before anything else
         const owners = concat(Array.from({ length: 500 }, () => frame(Req.SET_OWNER, VERSION, new Uint8Array(0))));
-        let carry: Uint8Array | undefined; // the rest of a partial write: nothing else may go out before it
+        // First 300 KB at once, more than the socket buffer holds, so it is full long before the drain ends.
+        carry = concat(Array.from({ length: 50 }, () => owners)); // a partial write's rest goes first
         let sentFds = 0;
+        // A burst of fds first (each message its own sendmsg, as the fds need), then the bytes.
+        while (sentFds < 300 && trySend(s.fe.fd, errMsg, [err]) === errMsg.length) sentFds++;
         let full = 0;
         let maxFds = 0;
         let maxRss = 0;
@@ -205,7 +209,7 @@ describe('a hostile front-end', { timeout: 90_000 }, () => {
         }
         if (carry) s.fe.sendBytes(carry);
         console.log(
-          `flood while draining: ${sentFds} fds and ${sentFds * 500} messages sent; the socket was full ${full} times; ` +
+          `flood while draining: ${sentFds} fds (and SET_OWNER bytes) sent; the socket was full ${full} times; ` +
             `daemon fds ${fds0} -> at most ${maxFds}, RSS ${(rss0 / 1024).toFixed(1)} -> at most ${(maxRss / 1024).toFixed(1)} MiB`,
         );
         s.fe.checkReply(reply!, Req.GET_VRING_BASE, 8);
