@@ -11,6 +11,9 @@ export {
   VIRTIO_RING_F_INDIRECT_DESC,
 } from './features.js';
 
+/** A device refused what the front-end asked (a tap that cannot take the header size, say): the connection closes, cleanly logged. */
+export class DeviceError extends Error {}
+
 export interface Device extends QueueRunnerSource {
   /** Short name for logs: "blk", "net". */
   readonly kind: string;

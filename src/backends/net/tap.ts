@@ -1,5 +1,6 @@
 // A Linux tap interface opened with a virtio-net header: one fd per queue.
 import { closeSync, constants, existsSync, openSync } from 'node:fs';
+import { DeviceError } from '../../device.js';
 import { native } from '../../native/index.js';
 
 const TUNSETIFF = 0x400454ca;
@@ -26,7 +27,8 @@ export const TUN_F_TSO6 = 0x04;
 export const TUN_F_TSO_ECN = 0x08;
 export const TUN_F_UFO = 0x10;
 
-export class TapError extends Error {}
+/** A device error, so a failing tap ioctl during negotiation closes the connection with its reason. */
+export class TapError extends DeviceError {}
 
 function ifreq(name: string): Uint8Array {
   const req = new Uint8Array(IFREQ_SIZE);
