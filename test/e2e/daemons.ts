@@ -1,10 +1,12 @@
 // Back-end processes for end-to-end tests: vhostd itself (built dist/) and
 // qemu-storage-daemon as the peer. Both are always stopped, even on failure.
+import type { NetStats } from '../../src/backends/net/queue-pair.js';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
+import { VHOSTD_BIN } from '../support/children.js';
 import { waitForPath } from './guest.js';
 
-export const DAEMON = fileURLToPath(new URL('../../dist/daemon.js', import.meta.url));
+/** The built daemon (VHOSTD_BIN overrides it, as for the protocol tests). */
+export const DAEMON = VHOSTD_BIN;
 
 export interface Backend {
   socket: string;
@@ -69,7 +71,7 @@ export function startVhostdNet(netns: string, args: string[], socket: string): P
 }
 
 /** The per-queue-pair totals vhostd logs when it stops. */
-export function netTotals(output: string): { txPackets: number; rxPackets: number; txDropped: number; txDiscarded: number; rxDropped: number }[] {
+export function netTotals(output: string): NetStats[] {
   const line = output.split('\n').reverse().find((l) => l.includes('"msg":"traffic totals"'));
   if (!line) throw new Error(`no traffic totals in vhostd output:\n${output}`);
   return JSON.parse(line).stats;

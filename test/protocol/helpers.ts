@@ -1,4 +1,5 @@
 // Test plumbing shared by the protocol suites.
+import { readFileSync } from 'node:fs';
 import { afterAll, afterEach, beforeAll, beforeEach } from 'vitest';
 import { startBackend, type Backend, type BackendKind, type BackendOptions } from './backends.js';
 import { Session } from '../driver/session.js';
@@ -70,4 +71,13 @@ export function useBackend(kind: BackendKind, opts: BackendOptions = {}): () => 
   beforeEach(() => replaceIfDead('after the previous test'));
   afterEach(() => replaceIfDead('during this test'));
   return () => be!;
+}
+
+/** Peak RSS (VmHWM) and CPU seconds so far of a process, to assert on what a workload cost it. */
+export function processUsage(pid: number): { hwmBytes: number; cpuSeconds: number } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const hwm = Number(/VmHWM:\s+(\d+) kB/.exec(status)![1]) * 1024;
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return { hwmBytes: hwm, cpuSeconds: (Number(fields[11]) + Number(fields[12])) / 100 }; // utime + stime, in clock ticks
 }

@@ -14,12 +14,19 @@ import { FrontEnd } from '../driver/frontend.js';
 import { GuestMemory } from '../driver/guest.js';
 import { SplitQueue, type UsedElem } from '../driver/virtqueue.js';
 import { bit, PF, VF } from '../driver/wire.js';
+import { native, EFD_CLOEXEC, EFD_NONBLOCK } from '../../src/native/index.js';
+import { netTotals } from '../e2e/daemons.js';
+import { processUsage, waitFor } from './helpers.js';
 
 const TAP = 'vtnt0';
 const HDR = 12; // VERSION_1 / MRG_RXBUF header, num_buffers included
 const NET_F_GUEST_CSUM = 1;
+const NET_F_GUEST_TSO4 = 7;
+const NET_F_GUEST_TSO6 = 8;
 const NET_F_GUEST_ECN = 9;
 const NET_F_MRG_RXBUF = 15;
+/** Mergeable buffers and GSO: vhostd must be ready for 64 KiB frames whatever the guest posted. */
+const MERGE_GSO = bit(NET_F_MRG_RXBUF) | bit(NET_F_GUEST_CSUM) | bit(NET_F_GUEST_TSO4) | bit(NET_F_GUEST_TSO6);
 const ADDON = fileURLToPath(new URL('../../build/Release/vhostd_native.node', import.meta.url));
 
 const shellQuote = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
@@ -82,7 +89,7 @@ describe.each([
   }
 
   /** Connect and start both rings as QEMU does; returns SET_FEATURES' ack. */
-  async function open(deviceFeatures: bigint): Promise<bigint> {
+  async function open(deviceFeatures: bigint, rxSize = 256): Promise<bigint> {
     fe = await FrontEnd.connect(daemon!.socket);
     mem = new GuestMemory();
     const offered = await fe.getFeatures();
@@ -92,7 +99,7 @@ describe.each([
     await fe.setOwner();
     const ack = await fe.setFeatures(want, { needReply: true });
     await fe.setMemTable(mem.table());
-    rx = new SplitQueue(mem, 0, 256, 0);
+    rx = new SplitQueue(mem, 0, rxSize, 0);
     tx = new SplitQueue(mem, 1, 256, 1);
     for (const q of [rx, tx]) {
       await fe.setVringNum(q.index, q.size);
@@ -215,6 +222,93 @@ s.send(bytes.fromhex("${Buffer.from(f).toString('hex')}"))
     const got = await receivePacket(byHead);
     expect(Buffer.from(got.bytes.subarray(HDR)).equals(Buffer.from(f))).toBe(true);
     expect(daemon!.output()).not.toMatch(/internal error|closing connection/);
+  });
+
+  /** CPU seconds the daemon spends over `ms` of waiting: a spinning queue shows here. */
+  async function idleCpu(ms: number): Promise<number> {
+    const before = processUsage(daemon!.pid).cpuSeconds;
+    await new Promise((r) => setTimeout(r, ms));
+    return processUsage(daemon!.pid).cpuSeconds - before;
+  }
+
+  it('MRG_RXBUF with GSO and only eight 1536-byte buffers posted: a 60-byte frame arrives at once, and nothing spins', async () => {
+    await startDaemon();
+    expect(await open(MERGE_GSO)).toBe(0n);
+    const byHead = postRx(8, 1536);
+    const f = frame(60, 3);
+    inject(f);
+    const got = await receivePacket(byHead);
+    expect({ numBuffers: got.numBuffers, total: got.bytes.length }).toEqual({ numBuffers: 1, total: HDR + 60 });
+    expect(Buffer.from(got.bytes.subarray(HDR)).equals(Buffer.from(f))).toBe(true);
+    expect(await idleCpu(1000)).toBeLessThan(0.3);
+  });
+
+  it('a frame larger than the posted buffers waits without spinning, and arrives whole once the guest posts more', async () => {
+    existingTap(9000);
+    await startDaemon();
+    expect(await open(MERGE_GSO)).toBe(0n);
+    const byHead = postRx(2, 1536);
+    const f = frame(9014, 4);
+    inject(f);
+    expect(await idleCpu(1000)).toBeLessThan(0.3);
+    expect(rx!.collect()).toEqual([]); // nothing delivered cut, nothing taken
+    for (const [h, g] of postRx(5, 1536)) byHead.set(h, g);
+    const got = await receivePacket(byHead);
+    expect({ numBuffers: got.numBuffers, total: got.bytes.length }).toEqual({ numBuffers: Math.ceil((HDR + 9014) / 1536), total: HDR + 9014 });
+    expect(Buffer.from(got.bytes.subarray(HDR)).equals(Buffer.from(f))).toBe(true);
+  });
+
+  it('a frame larger than every buffer the ring can hold is dropped and counted; the next one is delivered', async () => {
+    existingTap(9000);
+    await startDaemon();
+    expect(await open(MERGE_GSO, 4)).toBe(0n);
+    const byHead = postRx(4, 1536); // the whole ring: 6 KiB
+    inject(frame(9014, 5));
+    const small = frame(200, 6);
+    inject(small);
+    const got = await receivePacket(byHead);
+    expect(Buffer.from(got.bytes.subarray(HDR)).equals(Buffer.from(small))).toBe(true);
+    closeSession();
+    await daemon!.stop();
+    const [t] = netTotals(daemon!.output());
+    expect(t).toMatchObject({ rxTooBig: 1, rxDropped: 1, rxPackets: 1 });
+  });
+
+  it('a frame longer than the tap MTU vhostd sized for (MTU raised under a running pair) is dropped, never delivered cut', async () => {
+    existingTap(1500);
+    await startDaemon();
+    expect(await open(bit(NET_F_MRG_RXBUF))).toBe(0n);
+    const byHead = postRx(16, 1536);
+    ns.ip(`link set dev ${TAP} mtu 9000`); // behind vhostd's back
+    inject(frame(9014, 7));
+    const ok = frame(300, 8);
+    inject(ok);
+    const got = await receivePacket(byHead);
+    expect(Buffer.from(got.bytes.subarray(HDR)).equals(Buffer.from(ok))).toBe(true);
+    closeSession();
+    await daemon!.stop();
+    const [t] = netTotals(daemon!.output());
+    expect(t).toMatchObject({ rxTruncated: 1, rxPackets: 1 });
+  });
+
+  it('a malformed buffer met while gathering for a frame fails the queue with nothing taken: GET_VRING_BASE is not behind any used entry', async () => {
+    await startDaemon();
+    expect(await open(MERGE_GSO)).toBe(0n);
+    const err = native.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    try {
+      await fe!.setVringErr(0, err);
+      rx!.submit([{ gpa: mem!.alloc(512), len: 512, write: true }]);
+      rx!.submit([{ gpa: 0x7000_0000, len: 1536, write: true }]); // outside guest memory
+      rx!.submit([{ gpa: mem!.alloc(512), len: 512, write: true }]);
+      rx!.kick();
+      inject(frame(1000, 9));
+      await waitFor(() => native.read(err, new BigUint64Array(1)) === 8, 'a signal on the RX err eventfd');
+      expect(rx!.usedIdx()).toBe(0);
+      await fe!.setVringEnable(0, false);
+      expect(await fe!.getVringBase(0)).toBe(rx!.usedIdx());
+    } finally {
+      native.close(err);
+    }
   });
 
   // Not vhostd's code: the kernel behaviour RX truncation detection has to rest on.

@@ -3,11 +3,10 @@
 // seg_max and size_max, buffers outside memory, short headers, chains with no
 // status byte, and a call fd that arrives after completions. vhostd must stay
 // small and responsive, and no failed request may read as success.
-import { readFileSync } from 'node:fs';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { native, EFD_CLOEXEC, EFD_NONBLOCK } from '../../src/native/index.js';
 import type { Backend } from './backends.js';
-import { useBackend, waitFor, withSession } from './helpers.js';
+import { processUsage as usage, useBackend, waitFor, withSession } from './helpers.js';
 import { S, T } from '../driver/blk.js';
 import type { GuestMemory } from '../driver/guest.js';
 import type { Session } from '../driver/session.js';
@@ -15,16 +14,6 @@ import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, type RawDesc } from '../dri
 
 const SEG_MAX = 126;
 const SIZE_MAX = 1 << 20;
-
-/** VmHWM (peak RSS) and CPU seconds of a process. */
-function usage(pid: number): { hwmBytes: number; cpuSeconds: number } {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-  const hwm = Number(/VmHWM:\s+(\d+) kB/.exec(status)![1]) * 1024;
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const ticks = Number(fields[11]) + Number(fields[12]); // utime, stime
-  return { hwmBytes: hwm, cpuSeconds: ticks / 100 };
-}
 
 function table(mem: GuestMemory, descs: RawDesc[]): number {
   const gpa = mem.alloc(16 * descs.length, 16);
