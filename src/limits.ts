@@ -34,6 +34,15 @@ export const RUN_BUDGET_DESCRIPTORS = 65536;
 /** How long a ring with no kick fd (VRING_NOFD) waits between polls. */
 export const POLL_INTERVAL_MS = 1;
 
+/** A vhost-user payload larger than this is hostile: the largest legal one (a memory table of 8) is 264 bytes. */
+export const MAX_PAYLOAD = 4096;
+/**
+ * Memory slots offered with CONFIGURE_MEM_SLOTS, as libvhost-user offers.
+ * QEMU takes the smaller of this and its own limit; a region identical to a
+ * mapped one (a net device's second vhost_dev) only counts a reference.
+ */
+export const MAX_MEM_SLOTS = 509;
+
 /** virtio-blk limits advertised in config space, and enforced on every request. */
 export const BLK_SEG_MAX = 126;
 export const BLK_SIZE_MAX = 1 << 20;

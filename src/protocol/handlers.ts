@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import { ftruncateSync } from 'node:fs';
 import type { Device } from '../device.js';
 import { ringFeatures } from '../features.js';
-import { MAX_QUEUE_SIZE } from '../limits.js';
+import { MAX_MEM_SLOTS, MAX_QUEUE_SIZE } from '../limits.js';
 import { native, MFD_CLOEXEC } from '../native/index.js';
 import { GuestMemory } from '../ring/guest-memory.js';
 import { InflightArea, inflightQueueBytes } from '../ring/inflight.js';
@@ -46,11 +46,7 @@ export const BASE_PROTOCOL_FEATURES =
   bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
   bit(ProtocolFeature.RESET_DEVICE);
 
-/**
- * Memory slots offered with CONFIGURE_MEM_SLOTS: libvhost-user's
- * VHOST_USER_MAX_RAM_SLOTS. QEMU uses the smaller of this and its own limit.
- */
-export const MAX_MEM_SLOTS = 509;
+export { MAX_MEM_SLOTS };
 
 /** A handler found the connection closed while it waited; close() has released everything. */
 export class ConnectionClosed extends Error {}

@@ -2,7 +2,7 @@
 // {request u32, flags u32, size u32} and a payload whose size is fixed per request.
 
 export const HEADER_SIZE = 12;
-export const MAX_PAYLOAD = 4096; // the largest legal payload is far smaller; anything bigger is hostile
+export { MAX_PAYLOAD } from '../limits.js';
 export const MAX_FDS = 8;
 export const VERSION = 0x1;
 export const FLAG_VERSION_MASK = 0x3;
@@ -59,9 +59,9 @@ export const ProtocolFeature = {
 } as const;
 
 /** Virtio feature bit 30: the back-end speaks GET/SET_PROTOCOL_FEATURES. */
-export const F_PROTOCOL_FEATURES = 30;
+export { VHOST_USER_F_PROTOCOL_FEATURES as F_PROTOCOL_FEATURES } from '../features.js';
 
-export const bit = (n: number): bigint => 1n << BigInt(n);
+export { bit } from '../features.js';
 
 export const SIZE_U64 = 8;
 export const SIZE_VRING_STATE = 8;

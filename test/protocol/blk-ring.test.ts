@@ -1,15 +1,17 @@
-// The worst chains a guest can post to a blk queue, each tested directly:
-// oversized and endless indirect tables across the whole ring, chains past
-// seg_max and size_max, buffers outside memory, short headers, chains with no
-// status byte, and a call fd that arrives after completions. vhostd must stay
-// small and responsive, and no failed request may read as success.
+// A blk queue against the worst chains a guest can post, each tested
+// directly: oversized and endless indirect tables across the whole ring,
+// chains past seg_max and size_max, buffers outside memory, short headers,
+// chains with no status byte. vhostd must stay small and responsive, and no
+// failed request may read as success. Also the notification rules a guest
+// relies on: a late call fd, and NOTIFY_ON_EMPTY under EVENT_IDX.
 import { beforeEach, describe, expect, it } from 'vitest';
 import { native, EFD_CLOEXEC, EFD_NONBLOCK } from '../../src/native/index.js';
 import type { Backend } from './backends.js';
 import { processUsage as usage, useBackend, waitFor, withSession } from './helpers.js';
 import { S, T } from '../driver/blk.js';
 import type { GuestMemory } from '../driver/guest.js';
-import type { Session } from '../driver/session.js';
+import { DRIVER_FEATURES, type Session } from '../driver/session.js';
+import { bit, VF } from '../driver/wire.js';
 import { DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, type RawDesc } from '../driver/virtqueue.js';
 
 const SEG_MAX = 126;
@@ -215,6 +217,21 @@ describe('hostile chains on a blk queue', { timeout: 180_000 }, () => {
       } finally {
         native.close(call);
       }
+    });
+  });
+
+  it('NOTIFY_ON_EMPTY under EVENT_IDX: the call fd is signalled when the ring runs empty, even with used_event far ahead', async () => {
+    await withSession(be, async (s) => {
+      await s.startDevice({ queues: 1, features: DRIVER_FEATURES | bit(VF.NOTIFY_ON_EMPTY) });
+      const q = s.queues[0]!;
+      expect(s.features & bit(VF.NOTIFY_ON_EMPTY)).not.toBe(0n);
+      expect((await s.blk[0]!.read(0, 512)).status).toBe(S.OK); // the first decision always signals
+      q.autoUsedEvent = false;
+      q.setUsedEvent(q.lastUsed + 1000); // event index alone: no interrupt for a long while
+      const seen = q.drainCall();
+      const r = s.blk[0]!.read(8, 512);
+      await waitFor(() => q.drainCall() > seen, 'a call signal when the ring ran empty', 5_000);
+      expect((await r).status).toBe(S.OK);
     });
   });
 });
