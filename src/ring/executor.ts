@@ -77,6 +77,15 @@ export interface RingConfig {
 
 const ONE = new BigUint64Array([1n]);
 
+/**
+ * The ring for a start, by layout: split today (VIRTIO_F_RING_PACKED is not
+ * offered); a packed ring will implement the same Ring. Throws RingError for
+ * rings outside memory or misaligned: the caller fails the queue.
+ */
+function createRing(cfg: RingConfig, mem: GuestMemory): Ring {
+  return new SplitRing(mem, cfg.size, cfg.addrs, cfg.features, cfg.base);
+}
+
 export class QueueExecutor {
   readonly index: number;
   readonly size: number;
@@ -140,8 +149,7 @@ export class QueueExecutor {
     this.callFd = cfg.call;
     this.errFd = cfg.err;
     this.inflightRecord = inflight;
-    // Throws RingError for rings outside memory or misaligned: the caller fails the queue.
-    this.ring = new SplitRing(mem, cfg.size, cfg.addrs, cfg.features, cfg.base);
+    this.ring = createRing(cfg, mem);
   }
 
   /**

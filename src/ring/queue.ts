@@ -154,7 +154,9 @@ export class Queue implements Virtqueue {
     const close = (): void => {
       if (old >= 0) native.close(old);
     };
-    if (!this.hosted || this.halting) {
+    // A halt in progress may still signal the old fd: close it only once the executor let go.
+    if (this.halting) return this.halting.then(close);
+    if (!this.hosted) {
       // No executor: a late call fd still hears once, for completions it missed.
       if (which === 'call' && next >= 0) native.write(next, ONE);
       return close();

@@ -1,13 +1,11 @@
 // Durability as the syscalls show it: strace on the daemon proves that a
 // FLUSH completes only after fdatasync returned, and that with writeback off a
 // write goes through an O_DSYNC descriptor (opened when the image is) before it completes.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { S, T } from '../driver/blk.js';
-import { useBackend, waitFor, withSession } from './helpers.js';
+import { strace } from '../support/strace.js';
+import { useBackend, withSession } from './helpers.js';
 
 interface Syscall {
   /** Seconds since midnight (UTC), when the call started and ended. */
@@ -25,30 +23,16 @@ function secondsOfDay(ms: number): number {
 
 /** strace -f on a running daemon, recording I/O syscalls with start times and durations. */
 async function trace(pid: number): Promise<{ stop(): Promise<Syscall[]> }> {
-  const dir = mkdtempSync(join(tmpdir(), 'vhostd-strace-'));
-  const out = join(dir, 'trace');
-  const child: ChildProcess = spawn(
-    'strace',
-    ['-f', '-tt', '-T', '-e', 'trace=openat,pwritev,pwritev2,pwrite64,fdatasync,fsync', '-o', out, '-p', String(pid)],
-    { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, TZ: 'UTC' } },
-  );
-  let err = '';
-  child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
-  await waitFor(() => /attached/.test(err), 'strace to attach', 10_000);
-  await new Promise((r) => setTimeout(r, 200));
+  const t = await strace(pid, ['openat', 'pwritev', 'pwritev2', 'pwrite64', 'fdatasync', 'fsync'], ['-tt', '-T']);
   return {
     async stop() {
-      const closed = new Promise((r) => child.once('close', r));
-      child.kill('SIGINT');
-      await closed;
       const calls: Syscall[] = [];
-      for (const line of readFileSync(out, 'utf8').split('\n')) {
+      for (const line of await t.stop()) {
         const m = /^\d+\s+(\d+):(\d+):(\d+\.\d+) (\w+)\((.*)\)\s+= (\S+).*<(\d+\.\d+)>$/.exec(line);
         if (!m) continue;
         const start = Number(m[1]) * 3600 + Number(m[2]) * 60 + Number(m[3]);
         calls.push({ start, end: start + Number(m[7]), name: m[4]!, args: m[5]!, ret: m[6]! });
       }
-      rmSync(dir, { recursive: true, force: true });
       return calls;
     },
   };

@@ -2,13 +2,10 @@
 // serves every blk queue and the socket: strace -f on the running daemon shows
 // which thread made each fallocate (DISCARD, WRITE_ZEROES) and that a
 // write-through write opens nothing in the middle of the request.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { randomBytes, S, SECTOR } from '../driver/blk.js';
-import { expectBytes, isZero, useBackend, waitFor, withSession } from './helpers.js';
+import { strace } from '../support/strace.js';
+import { expectBytes, isZero, useBackend, withSession } from './helpers.js';
 
 interface Call {
   /** The thread that made the call (strace -f prints its tid first). */
@@ -19,27 +16,15 @@ interface Call {
 
 /** strace -f on a running daemon for the given syscalls; stop() returns the calls that started. */
 async function trace(pid: number, syscalls: string[]): Promise<{ stop(): Promise<Call[]> }> {
-  const dir = mkdtempSync(join(tmpdir(), 'vhostd-strace-'));
-  const out = join(dir, 'trace');
-  const child: ChildProcess = spawn('strace', ['-f', '-e', `trace=${syscalls.join(',')}`, '-o', out, '-p', String(pid)], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  let err = '';
-  child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
-  await waitFor(() => /attached/.test(err), 'strace to attach', 10_000);
-  await new Promise((r) => setTimeout(r, 200));
+  const t = await strace(pid, syscalls);
   return {
     async stop() {
-      const closed = new Promise((r) => child.once('close', r));
-      child.kill('SIGINT');
-      await closed;
       const calls: Call[] = [];
-      for (const line of readFileSync(out, 'utf8').split('\n')) {
+      for (const line of await t.stop()) {
         // "tid name(args) = ret" or, interleaved with other threads, "tid name(args <unfinished ...>".
         const m = /^(\d+)\s+(\w+)\((.*?)(?:\)\s+=|\s*<unfinished)/.exec(line);
         if (m) calls.push({ tid: Number(m[1]), name: m[2]!, args: m[3]! });
       }
-      rmSync(dir, { recursive: true, force: true });
       return calls;
     },
   };
