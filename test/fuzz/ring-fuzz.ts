@@ -1513,7 +1513,12 @@ class RingFuzzer {
     const w = this.g.read(W_START, W_END - W_START);
     const check = (from: number, to: number): void => {
       for (let a = from; a < to && !bad; a++) {
-        if (w[a - W_START] !== POISON) bad = `guest memory at 0x${a.toString(16)} changed, outside every device-writable buffer`;
+        if (w[a - W_START] !== POISON) {
+          let to = a;
+          while (to < W_END && w[to - W_START] !== POISON) to++;
+          const near = ranges.filter((r) => Math.abs(r.gpa - a) < 4096).map((r) => `0x${r.gpa.toString(16)}+${r.len}`).join(' ');
+          bad = `guest memory at 0x${a.toString(16)} (${to - a} bytes: ${Buffer.from(w.subarray(a - W_START, Math.min(to, a + 16) - W_START)).toString('hex')}) changed, outside every device-writable buffer (buffers near: ${near || 'none'})`;
+        }
       }
     };
     for (const r of ranges) {
@@ -1587,13 +1592,17 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
     }
     let w = walks.get(head);
     if (!w) walks.set(head, (w = walk(q.desc, q.size, head, indirectOk, g)));
-    const sig = w.writable.map((s) => `${s.gpa}+${s.len}`).join(',');
+    // The same chain (same buffers, same verdict) may race only with itself: both write the same bytes.
+    const sig = `${w.fault ? 'fault' : 'sound'}|${w.readable.map((s) => `${s.gpa}+${s.len}`).join(',')}|${w.writable.map((s) => `${s.gpa}+${s.len}`).join(',')}`;
     if (w.status !== undefined && !published.has(sig)) {
       // Two different chains sharing a device-writable byte would race for it: publish only the first.
       if (overlaps(w.writable)) continue;
       writableTaken.push(...w.writable);
       published.add(sig);
     }
+    // A chain may run into stale descriptors of earlier inputs, whose buffers were handed out in an
+    // earlier epoch of W: what it reaches is device-writable all the same.
+    if (w.status !== undefined) for (const s of w.writable) if (s.gpa < W_END && s.gpa + s.len > W_START) gen.wRanges.push(s);
     const e: Exp = { head, note: p.notes[i]!, walk: w };
     if (w.status !== undefined) e.blk = blkModel(g, w, fz.features, gen.avoid);
     if (e.blk?.tag) p.tags.add(e.blk.tag);
@@ -1780,7 +1789,7 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
 /** The model's entries for a failure report (long rings summarised). */
 function describeExp(exp: { head: number; note: string; walk?: Walk; blk?: BlkExpect }[]): string {
   const line = (e: (typeof exp)[number], i: number): string =>
-    `\n    [${i}] head ${e.head}: ${e.note}${e.walk?.fault ? ` => fault: ${e.walk.fault}` : ''}${e.walk && e.walk.status === undefined ? ' => no status byte: fails the queue untaken' : ''}${e.blk ? ` => ${e.blk.outcome} (${e.blk.why})` : ''}`;
+    `\n    [${i}] head ${e.head}: ${e.note}${e.walk?.fault ? ` => fault: ${e.walk.fault}` : ''}${e.walk ? (e.walk.status === undefined ? ' => no status byte: fails the queue untaken' : ` => status byte at 0x${e.walk.status.toString(16)}, ${e.walk.descriptors} descriptors, ${e.walk.segments} segments`) : ''}${e.blk ? ` => ${e.blk.outcome} (${e.blk.why})` : ''}`;
   if (exp.length <= 24) return exp.map(line).join('');
   return [...exp.slice(0, 12).map(line), `\n    ... ${exp.length - 24} more ...`, ...exp.slice(-12).map((e, j) => line(e, exp.length - 12 + j))].join('');
 }
@@ -1983,7 +1992,8 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
         gen.w.cur = old.w.cur;
         gen.wRanges = old.wRanges;
       }
-      if (gen.w.cur > W_END - 512 * KiB) {
+      // VHOSTD_FUZZ_CHECK_EACH: check W after every input, to find which one wrote outside its buffers.
+      if (gen.w.cur > W_END - 512 * KiB || (process.env.VHOSTD_FUZZ_CHECK_EACH && old)) {
         const w = fz.checkW(gen);
         if (w) fail(index, 'corruption', w);
       }
