@@ -52,7 +52,7 @@ describe('fuzz', () => {
     expect(st.inputs).toBe(count(SOCKET_COUNT));
   });
 
-  it('ring: a hostile guest fails its own queue only, the other keeps serving, nothing lands outside a request', { timeout: 240_000 }, async () => {
+  it('ring: a hostile guest fails its own queue only, the other keeps serving, nothing lands outside a request', { timeout: 400_000 }, async () => {
     const st = await runRing({ seed: SEED, count: count(RING_COUNT), log: (l) => console.log(l.split('\n')[0]) });
     console.log(summary(st));
     expect(report(st)).toEqual([]);
