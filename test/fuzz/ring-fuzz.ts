@@ -977,7 +977,8 @@ function bigTable(gen: Gen, p: Planned): boolean {
   // The daemon walks every entry: keep an input's work to a few million descriptors.
   const budget = rng.chance(0.2) ? 1 << 23 : 1 << 21;
   let repeats = rng.weighted([[2, 1], [2, rng.range(2, 16)], [3, q.size], [1, rng.range(1, q.size)]] as const);
-  repeats = Math.max(1, Math.min(repeats, Math.floor(budget / descs.length)));
+  // No more entries than the ring holds: more is an avail idx a ring ahead (a ring error, generated elsewhere).
+  repeats = Math.max(1, Math.min(repeats, q.size, Math.floor(budget / descs.length)));
   for (let i = 0; i < repeats; i++) {
     p.heads.push(slots[i % m]!);
     p.notes.push(`big table: ${descs.length} descriptors (${variant}, type ${type}), entry ${i + 1} of ${repeats}`);
