@@ -436,6 +436,8 @@ interface Planned {
   /** A GET_ID whose buffer covers the avail ring (guest feeding the device its own writes). */
   selfFeed?: boolean;
   tags: Set<string>;
+  /** W's allocation cursor before this input: buffers from here on are fresh (poisoned). */
+  wFrom: number;
 }
 
 interface Q0 {
@@ -1073,7 +1075,7 @@ function limitsRequest(gen: Gen): { head: number; note: string } | undefined {
 function plan(gen: Gen, avoid: Set<string>): Planned {
   const { rng, q } = gen;
   gen.avoid = avoid;
-  const p: Planned = { heads: [], notes: [], tags: new Set() };
+  const p: Planned = { heads: [], notes: [], tags: new Set(), wFrom: gen.w.cur };
   if (rng.chance(0.01) && bigTable(gen, p)) return p;
   const nChains = rng.weighted([[6, 1], [4, rng.range(2, 4)], [2, rng.range(5, 16)], [0.1, Math.min(q.size, 256)]] as const);
   for (let i = 0; i < nChains; i++) {
@@ -1735,7 +1737,8 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
       else if (len !== 1) errors.push(`chain [${i}] (${b.why}) failed with used length ${len}, not 1`);
       else {
         // A refused request writes nothing but its status byte.
-        const bad = e.walk!.writable.find((s) => s.gpa >= W_START && s.gpa + s.len <= W_END && g.read(s.gpa, s.len).some((x, j) => x !== POISON && s.gpa + j !== b.status.gpa));
+        // Only buffers allocated (poisoned) for this input: a chain can reach stale descriptors whose buffers earlier requests filled.
+        const bad = e.walk!.writable.find((s) => s.gpa >= p.wFrom && s.gpa + s.len <= gen.w.cur && g.read(s.gpa, s.len).some((x, j) => x !== POISON && s.gpa + j !== b.status.gpa));
         if (bad) errors.push(`chain [${i}] (${b.why}) failed but its buffer 0x${bad.gpa.toString(16)} +${bad.len} was written`);
       }
     }
