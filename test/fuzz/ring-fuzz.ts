@@ -1644,9 +1644,16 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
   for (;;) {
     if (finalState()) break;
     if (eventIdx && !p.noInterrupts) {
-      // Like Linux's virtqueue_enable_cb: interrupt on the next used entry, then re-check.
-      Atomics.store(q.avail, 2 + q.size, Atomics.load(q.used, 1));
+      // Like Linux's virtqueue_enable_cb: interrupt on the next used entry, then re-check. If the
+      // device published more between the load and the store, the stored used_event is already
+      // behind its last decision and no interrupt would come: look again before sleeping.
+      const u = Atomics.load(q.used, 1);
+      Atomics.store(q.avail, 2 + q.size, u);
       if (finalState()) break;
+      if (Atomics.load(q.used, 1) !== u) {
+        lastSeen = used();
+        continue;
+      }
     }
     if (used() > processed || (failAt >= 0 && !failedNow() && used() >= processed && graceUntil)) {
       if (!graceUntil) graceUntil = Date.now() + 200;
