@@ -16,7 +16,7 @@ export interface Failure {
 }
 
 export interface Progress {
-  target: 'socket' | 'ring';
+  target: 'socket' | 'ring' | 'net';
   inputs: number;
   /** What the inputs carried: vhost-user messages (socket) or descriptor chains (ring). */
   messages: number;
@@ -27,7 +27,7 @@ export interface Progress {
 }
 
 export interface FuzzStats {
-  target: 'socket' | 'ring';
+  target: 'socket' | 'ring' | 'net';
   seed: number;
   inputs: number;
   /** vhost-user messages (socket) or descriptor chains (ring) the inputs carried. */
@@ -218,7 +218,7 @@ export class Ticker {
   /** Messages (socket) or chains (ring) sent so far. */
   messages = 0;
   constructor(
-    private readonly target: 'socket' | 'ring',
+    private readonly target: 'socket' | 'ring' | 'net',
     private readonly t0: number,
     private readonly cb?: (p: Progress) => void,
   ) {}

@@ -243,6 +243,26 @@ export class FuzzDaemon {
       .filter((l) => l.includes('memfd:'));
   }
 
+  /** Peak resident set size (VmHWM) in bytes, undefined once the process is gone. */
+  peakRss(): number | undefined {
+    try {
+      const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${this.pid}/status`, 'utf8'));
+      return m ? Number(m[1]) * 1024 : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** CPU seconds (user + system) the daemon has used so far. */
+  cpuSeconds(): number | undefined {
+    try {
+      const f = readFileSync(`/proc/${this.pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+      return (Number(f[11]) + Number(f[12])) / 100;
+    } catch {
+      return undefined;
+    }
+  }
+
   /** CPU time the daemon used over `ms` wall time, as a fraction of one core (1 = a busy loop). */
   async cpuBusy(ms = 300): Promise<number | undefined> {
     const ticks = (): number | undefined => {

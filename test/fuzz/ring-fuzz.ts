@@ -46,6 +46,13 @@ const Q1_SECTORS = 64;
 const SERIAL = 'vhostd-fuzz';
 const POISON = 0xa5;
 const WAIT_MS = 2_000;
+/**
+ * Peak RSS (VmHWM) the daemon may reach while the ring fuzzer runs: measured
+ * at about 100 MiB with 16 MiB of guest memory mapped (see README.md). A
+ * layer that held whole walks of 65,536-entry tables per avail entry went
+ * past 4 GB.
+ */
+export const RSS_BOUND = 256 * MiB;
 
 // Guest memory: r0 and r1 are adjacent (0..8 MiB), r2 and r3 too (4 GiB..4 GiB+8 MiB); nothing between.
 const R0 = 0;
@@ -67,7 +74,6 @@ const S_END = R3 + 2 * MiB;
 const T_START = S_END;
 const T_END = HIGH_END;
 
-const inMemory = (a: number, len: number): boolean => (a >= R0 && a + len <= LOW_END) || (a >= R2 && a + len <= HIGH_END);
 
 function pattern(sector: number, out: Uint8Array, off = 0): void {
   const dv = new DataView(out.buffer, out.byteOffset + off, SECTOR);
@@ -184,77 +190,120 @@ interface Seg {
   len: number;
 }
 
+/** Where a descriptor's buffer lies: the region pieces it resolves to, or 0 if any byte is outside guest memory. */
+function pieces2(a: number, len: number): number {
+  const regions: [number, number][] = [[R0, R1], [R1, LOW_END], [R2, R3], [R3, HIGH_END]];
+  let n = 0;
+  for (let at = a, end = a + len; at < end; ) {
+    const r = regions.find(([s, e]) => at >= s && at < e);
+    if (!r) return 0;
+    n++;
+    at = r[1];
+  }
+  return n;
+}
+
+/** Inside one region (indirect tables must be: vhostd maps each through one view). */
+const inOneRegion = (a: number, len: number): boolean =>
+  [[R0, R1], [R1, LOW_END], [R2, R3], [R3, HIGH_END]].some(([s, e]) => a >= s! && a + len <= e!);
+
 interface Walk {
-  /** Why a conforming device must refuse the chain. */
-  malformed?: string;
-  /** A device may refuse it or process it (spec leeway, or a documented vhostd limit). */
-  mayFail?: string;
+  /** Why the device must refuse to serve the chain as the driver meant it (IOERR when it has a status byte). */
+  fault?: string;
+  /** The status byte: the chain's last byte, when the walk reached its end and the last non-empty descriptor is writable and in memory. */
+  status?: number;
+  /** Non-empty buffers, one per descriptor, in chain order. */
   readable: Seg[];
   writable: Seg[];
   rBytes: number;
   wBytes: number;
+  /** Views the chain resolves to (split at region boundaries). */
+  segments: number;
+  /** Buffer descriptors (not the indirect one). */
+  descriptors: number;
 }
 
-/** Walk a chain as VIRTIO 1.x 2.7.5 defines it. */
-function walk(g: Guest, desc: DataView, size: number, head: number, indirectOk: boolean): Walk {
-  const w: Walk = { readable: [], writable: [], rBytes: 0, wBytes: 0 };
+const MAX_SEGMENTS = 1024;
+const SEG_MAX = 126;
+const SIZE_MAX = 1 << 20;
+const REACHABLE = 65536;
+
+/**
+ * Walk a chain as VIRTIO 1.x 2.7.5 defines it, with the bounds vhostd
+ * documents (src/limits.ts): a chain is at most queue-size descriptors and
+ * MAX_CHAIN_SEGMENTS views, an indirect table at most queue-size entries, and
+ * a faulty chain is still followed to its end (when it has one) to find the
+ * status byte. Loops, next out of range, nested or malformed indirect
+ * descriptors and tables outside memory end the walk with no status byte.
+ */
+function walk(desc: DataView, size: number, head: number, indirectOk: boolean, g: Guest): Walk {
+  const w: Walk = { readable: [], writable: [], rBytes: 0, wBytes: 0, segments: 0, descriptors: 0 };
   let table = desc;
   let tableLen = size;
   let budget = size;
   let idx = head;
   let inIndirect = false;
-  let sawWritable = false;
-  let count = 0;
-  const bad = (why: string): Walk => ({ ...w, malformed: why });
+  let writing = false;
+  let total = 0;
+  let status = -1;
+  const fault = (why: string): void => {
+    w.fault ??= why;
+  };
+  const end = (why: string): Walk => {
+    fault(why);
+    return w; // no status byte
+  };
   for (;;) {
-    if (budget-- === 0) return bad(`loop: chain from head ${head} is longer than its table`);
+    if (budget-- === 0) return end(`loop: chain from head ${head} does not end within its table`);
     const d = getDesc(table, idx);
     if (d.flags & DESC_F_INDIRECT) {
-      if (!indirectOk) return bad('indirect descriptor without INDIRECT_DESC');
-      if (inIndirect) return bad('nested indirect table');
-      if (d.flags & DESC_F_NEXT) return bad('indirect descriptor with NEXT');
-      if (d.len === 0 || d.len % 16) return bad(`indirect table length ${d.len}`);
-      if (d.addr >= 2n ** 53n || !inMemory(Number(d.addr), d.len)) return bad('indirect table outside guest memory');
-      const a = Number(d.addr);
-      // Tables the generator makes never straddle regions; one that did would be spec-legal but is not generated.
-      if (!(a >= T_START && a + d.len <= T_END) && !(a >= R0 && a + d.len <= R1)) w.mayFail = 'indirect table outside the table arena';
-      table = g.dv(a, d.len);
-      tableLen = d.len / 16;
-      budget = tableLen;
+      if (!indirectOk) return end('indirect descriptor without INDIRECT_DESC');
+      if (inIndirect) return end('nested indirect table');
+      if (d.flags & DESC_F_NEXT) return end('indirect descriptor with NEXT');
+      if (d.len === 0 || d.len % 16) return end(`indirect table length ${d.len}`);
+      const entries = d.len / 16;
+      if (entries > size) fault(`indirect table of ${entries} entries, queue size ${size}`);
+      const reach = Math.min(entries, REACHABLE);
+      if (d.addr >= 2n ** 53n || !inOneRegion(Number(d.addr), reach * 16)) return end('indirect table outside guest memory (or across regions)');
+      table = g.dv(Number(d.addr), reach * 16);
+      tableLen = reach;
+      budget = reach;
       idx = 0;
       inIndirect = true;
       continue;
     }
-    count++;
-    if (d.len === 0) {
-      if (d.addr >= 2n ** 53n) w.mayFail = 'zero-length buffer at an address beyond 2^53';
-    } else if (d.addr >= 2n ** 53n || !inMemory(Number(d.addr), d.len)) {
-      return bad(`buffer 0x${d.addr.toString(16)} +${d.len} outside guest memory`);
+    const writable = (d.flags & DESC_F_WRITE) !== 0;
+    if (writable) writing = true;
+    else if (writing) fault('readable descriptor after a writable one');
+    total += d.len;
+    if (total > 2 ** 32 - 1) fault('chain moves more than 4 GiB');
+    if (d.len > 0) {
+      const a = Number(d.addr);
+      const n = d.addr < 2n ** 53n && a + d.len <= Number.MAX_SAFE_INTEGER ? pieces2(a, d.len) : 0;
+      if (!n) fault(`buffer 0x${d.addr.toString(16)} +${d.len} outside guest memory`);
+      else {
+        w.segments += n;
+        (writable ? w.writable : w.readable).push({ gpa: a, len: d.len });
+      }
+      status = writable && n ? a + d.len - 1 : -1;
+      if (writable) w.wBytes += d.len;
+      else w.rBytes += d.len;
     }
-    if (w.rBytes + w.wBytes + d.len > 2 ** 32 - 1) return bad('chain moves more than 4 GiB');
-    if (d.flags & DESC_F_WRITE) {
-      sawWritable = true;
-      if (d.len) w.writable.push({ gpa: Number(d.addr), len: d.len });
-      w.wBytes += d.len;
-    } else {
-      if (w.wBytes > 0) return bad('readable descriptor after a writable one');
-      if (sawWritable) w.mayFail = 'readable descriptor after a zero-length writable one';
-      if (d.len) w.readable.push({ gpa: Number(d.addr), len: d.len });
-      w.rBytes += d.len;
-    }
+    if (++w.descriptors === size + 1) fault(`chain longer than the queue (${size})`);
     if (!(d.flags & DESC_F_NEXT)) break;
-    if (d.next >= tableLen) return bad(`next ${d.next} beyond a table of ${tableLen}`);
+    if (d.next >= tableLen) return end(`next ${d.next} beyond a table of ${tableLen}`);
     idx = d.next;
   }
-  if (count > size) w.mayFail = `chain of ${count} descriptors exceeds the queue size ${size}`;
+  if (w.segments > MAX_SEGMENTS) fault(`${w.segments} segments, more than ${MAX_SEGMENTS}`);
+  if (status >= 0) w.status = status;
   return w;
 }
 
 type Effect = { kind: 'write'; sector: number; data: Uint8Array } | { kind: 'zero'; ranges: [number, number][] };
 
 interface BlkExpect {
-  /** 'untouched': no status byte or no header; 'ok'; 'err' (IOERR or UNSUPP); 'either' (a known bug class, tolerated). */
-  outcome: 'untouched' | 'ok' | 'err' | 'either';
+  /** 'ok'; 'err' (IOERR or UNSUPP, used length 1); 'either' (a known bug class, tolerated). */
+  outcome: 'ok' | 'err' | 'either';
   /** Bug class this request belongs to, if any (see Suppressor). */
   tag?: string;
   /** Used length when OK. */
@@ -265,7 +314,7 @@ interface BlkExpect {
   /** OK IN: sector and the writable segments holding the data. */
   readCheck?: { sector: number; len: number };
   getId?: boolean;
-  status?: Seg;
+  status: Seg;
 }
 
 function gatherSegs(g: Guest, segs: Seg[], skip: number, len: number): Uint8Array {
@@ -285,54 +334,77 @@ function gatherSegs(g: Guest, segs: Seg[], skip: number, len: number): Uint8Arra
   return out;
 }
 
-/** virtio-blk (VIRTIO 1.x 5.2.6) for a chain that walked cleanly. */
-function blkModel(g: Guest, w: Walk, features: bigint, avoid?: Set<string>): BlkExpect {
-  const last = w.writable[w.writable.length - 1];
-  if (!last || w.rBytes < 16) {
-    return { outcome: 'untouched', usedLen: 0, why: !last ? 'no writable status byte' : 'header shorter than 16 bytes', type: -1 };
+/** Descriptors a data range [skip, skip+len) of one direction spans, and the most bytes it takes from one (seg_max, size_max). */
+function span(segs: Seg[], skip: number, len: number): { descs: number; largest: number } {
+  let descs = 0;
+  let largest = 0;
+  for (const s of segs) {
+    if (len <= 0) break;
+    if (skip >= s.len) {
+      skip -= s.len;
+      continue;
+    }
+    const n = Math.min(s.len - skip, len);
+    descs++;
+    largest = Math.max(largest, n);
+    len -= n;
+    skip = 0;
   }
-  const status: Seg = { gpa: last.gpa + last.len - 1, len: 1 };
+  return { descs, largest };
+}
+
+/** virtio-blk (VIRTIO 1.x 5.2.6) for a chain with a status byte, as vhostd advertises it (seg_max 126, size_max 1 MiB). */
+function blkModel(g: Guest, w: Walk, features: bigint, avoid?: Set<string>): BlkExpect {
+  const status: Seg = { gpa: w.status!, len: 1 };
+  const e = (why: string, type = -1): BlkExpect => ({ outcome: 'err', usedLen: 1, why, type, status });
+  if (w.fault) return e(`faulty chain: ${w.fault}`);
+  if (w.rBytes < 16) return e(`header of ${w.rBytes} bytes`);
   const hdr = new DataView(gatherSegs(g, w.readable, 0, 16).buffer);
   const type = hdr.getUint32(0, true);
   const sector = hdr.getBigUint64(8, true);
-  const e = (why: string): BlkExpect => ({ outcome: 'err', usedLen: 1, why, type, status });
   const range = (len: number): string | undefined => {
     if (len % SECTOR) return `length ${len} not a multiple of 512`;
     if (sector * 512n + BigInt(len) > BigInt(IMAGE_BYTES)) return `sector ${sector} +${len} past the end`;
     return undefined;
   };
+  const limits = (segs: Seg[], skip: number, len: number): string | undefined => {
+    const sp = span(segs, skip, len);
+    if (sp.descs > SEG_MAX) return `${sp.descs} data descriptors, seg_max ${SEG_MAX}`;
+    if (sp.largest > SIZE_MAX) return `a data descriptor of ${sp.largest} bytes, size_max ${SIZE_MAX}`;
+    return undefined;
+  };
   switch (type) {
     case T.IN: {
       const len = w.wBytes - 1;
-      const r = range(len);
-      if (r) return e(r);
+      const r = range(len) ?? limits(w.writable, 0, len);
+      if (r) return e(r, type);
       return { outcome: 'ok', usedLen: len + 1, why: 'read', type, status, readCheck: { sector: Number(sector), len } };
     }
     case T.OUT: {
       const len = w.rBytes - 16;
-      const r = range(len);
-      if (r) return e(r);
+      const r = range(len) ?? limits(w.readable, 16, len);
+      if (r) return e(r, type);
       return { outcome: 'ok', usedLen: 1, why: 'write', type, status, effect: { kind: 'write', sector: Number(sector), data: gatherSegs(g, w.readable, 16, len) } };
     }
     case T.FLUSH:
       return { outcome: 'ok', usedLen: 1, why: 'flush', type, status };
     case T.GET_ID:
-      if (w.wBytes - 1 < 20) return e(`GET_ID buffer of ${w.wBytes - 1} bytes`);
+      if (w.wBytes - 1 < 20) return e(`GET_ID buffer of ${w.wBytes - 1} bytes`, type);
       return { outcome: 'ok', usedLen: 21, why: 'get id', type, status, getId: true };
     case T.DISCARD:
     case T.WRITE_ZEROES: {
-      if (!has(features, type === T.DISCARD ? VF.BLK_DISCARD : VF.BLK_WRITE_ZEROES)) return e('feature not negotiated');
+      if (!has(features, type === T.DISCARD ? VF.BLK_DISCARD : VF.BLK_WRITE_ZEROES)) return e('feature not negotiated', type);
       const bytes = w.rBytes - 16;
-      if (bytes === 0 || bytes % 16 || bytes / 16 > 16) return e(`${bytes} bytes of segments`);
+      if (bytes === 0 || bytes % 16 || bytes / 16 > 16) return e(`${bytes} bytes of segments`, type);
       const segs = new DataView(gatherSegs(g, w.readable, 16, bytes).buffer);
       const ranges: [number, number][] = [];
       for (let i = 0; i < bytes / 16; i++) {
         const s = segs.getBigUint64(i * 16, true);
         const n = segs.getUint32(i * 16 + 8, true);
         const flags = segs.getUint32(i * 16 + 12, true);
-        if (n > 0x3fffff) return e('segment larger than max_discard_sectors');
-        if (flags & ~(type === T.WRITE_ZEROES ? 1 : 0)) return e(`segment flags 0x${flags.toString(16)}`);
-        if (s * 512n + BigInt(n) * 512n > BigInt(IMAGE_BYTES)) return e('segment past the end');
+        if (n > 0x3fffff) return e('segment larger than max_discard_sectors', type);
+        if (flags & ~(type === T.WRITE_ZEROES ? 1 : 0)) return e(`segment flags 0x${flags.toString(16)}`, type);
+        if (s * 512n + BigInt(n) * 512n > BigInt(IMAGE_BYTES)) return e('segment past the end', type);
         ranges.push([Number(s), n]);
       }
       const why = type === T.DISCARD ? 'discard' : 'write zeroes';
@@ -346,7 +418,7 @@ function blkModel(g: Guest, w: Walk, features: bigint, avoid?: Set<string>): Blk
       return { outcome: 'ok', usedLen: 1, why, type, status, effect: { kind: 'zero', ranges } };
     }
     default:
-      return e(`unknown type ${type}`);
+      return { ...e(`unknown type ${type}`, type) };
   }
 }
 
@@ -364,6 +436,8 @@ interface Planned {
   /** A GET_ID whose buffer covers the avail ring (guest feeding the device its own writes). */
   selfFeed?: boolean;
   tags: Set<string>;
+  /** W's allocation cursor before this input: buffers from here on are fresh (poisoned). */
+  wFrom: number;
 }
 
 interface Q0 {
@@ -402,21 +476,6 @@ class Gen {
     this.free = rng.shuffle(Array.from({ length: q.size }, (_, i) => i));
     this.h.reset();
     this.t.reset();
-  }
-
-  /** Head of a GET_ID chain written before anything else (so every walk sees it), published only when needed. */
-  sentinel: number | undefined;
-
-  /** Write the sentinel now: before any other chain, so no model walk can be invalidated by it later. */
-  reserveSentinel(): void {
-    if (this.q.size < 4) return;
-    const slots = this.takeSlots(2)!;
-    const buf = this.wbuf(21);
-    if (buf === undefined) return;
-    const h = this.header(T.GET_ID, 0);
-    putDesc(this.q.desc, slots[0]!, { addr: BigInt(h), len: 16, flags: DESC_F_NEXT, next: slots[1]! });
-    putDesc(this.q.desc, slots[1]!, { addr: BigInt(buf), len: 21, flags: DESC_F_WRITE, next: 0 });
-    this.sentinel = slots[0]!;
   }
 
   /** A writable buffer (poisoned); undefined when W is full for this epoch. */
@@ -876,15 +935,155 @@ function randomDescs(gen: Gen): { head: number; note: string } | undefined {
   return { head: slots[0]!, note: `random descriptors in slots ${slots.join(',')}` };
 }
 
+/**
+ * One indirect table of 1 to 65,536 chained descriptors behind many avail
+ * entries (up to all of them): a request (OUT, FLUSH or GET_ID) whose
+ * readable part is stretched to the table's length, with a status byte at
+ * the end, none, or a loop back into the table. The daemon must walk it
+ * once per entry within its budgets and answer each (IOERR for a table
+ * larger than the queue) or fail the queue at the first entry.
+ */
+function bigTable(gen: Gen, p: Planned): boolean {
+  const { rng, q } = gen;
+  if (!gen.indirectOk) return false;
+  const len = rng.weighted([
+    [3, rng.range(1, 16)], [3, rng.range(100, 1100)], [1, q.size], [1, q.size + 1], [1, q.size - 1],
+    [2, 4096], [2, 65536], [1, rng.range(1, 65536)],
+  ] as const);
+  const variant = len < 2 ? 'status' : rng.weighted([[5, 'status'], [2, 'no-status'], [2, 'loop']] as const);
+  const type = rng.pick([T.OUT, T.OUT, T.FLUSH, T.GET_ID]);
+  const descs: DescRec[] = [];
+  const data = gen.sbuf(512);
+  const n = Math.max(0, len - 2);
+  const sector = Q1_SECTORS + rng.int(CAPACITY - Q1_SECTORS - Math.min(n, 126) + 1);
+  if (len >= 2) descs.push({ addr: BigInt(gen.header(type, sector)), len: 16, flags: DESC_F_NEXT, next: 1 });
+  const filler = type === T.OUT ? 512 : rng.range(1, 64);
+  for (let i = 0; i < n; i++) descs.push({ addr: BigInt(data), len: filler, flags: DESC_F_NEXT, next: descs.length + 1 });
+  if (variant === 'no-status') {
+    descs.push({ addr: BigInt(data), len: 16, flags: 0, next: 0 });
+  } else {
+    const room = type === T.GET_ID ? 21 : 1;
+    const st = gen.wbuf(room);
+    if (st === undefined) return false;
+    gen.g.mem.fill(st, room, POISON);
+    descs.push({ addr: BigInt(st), len: room, flags: DESC_F_WRITE | (variant === 'loop' ? DESC_F_NEXT : 0), next: variant === 'loop' ? rng.int(descs.length + 1) : 0 });
+  }
+  const t = gen.t.alloc(16 * descs.length, 16);
+  if (t === undefined) return false;
+  gen.g.writeTable(t, descs);
+  // Several ring descriptors may name the same table; the avail entries cycle through them.
+  const m = Math.min(rng.weighted([[3, 1], [1, rng.range(2, 4)]] as const), gen.freeSlots);
+  const slots = gen.takeSlots(m);
+  if (!slots) return false;
+  for (const s of slots) putDesc(q.desc, s, { addr: BigInt(t), len: 16 * descs.length, flags: DESC_F_INDIRECT, next: 0 });
+  // The daemon walks every entry: keep an input's work to a few million descriptors.
+  const budget = rng.chance(0.2) ? 1 << 23 : 1 << 21;
+  let repeats = rng.weighted([[2, 1], [2, rng.range(2, 16)], [3, q.size], [1, rng.range(1, q.size)]] as const);
+  // No more entries than the ring holds: more is an avail idx a ring ahead (a ring error, generated elsewhere).
+  repeats = Math.max(1, Math.min(repeats, q.size, Math.floor(budget / descs.length)));
+  for (let i = 0; i < repeats; i++) {
+    p.heads.push(slots[i % m]!);
+    p.notes.push(`big table: ${descs.length} descriptors (${variant}, type ${type}), entry ${i + 1} of ${repeats}`);
+  }
+  return true;
+}
+
+/**
+ * A chain of about 1,000 or more segments: many small readable pieces after
+ * the header (some across the r2/r3 boundary, two segments each), so the
+ * segment count lands around MAX_CHAIN_SEGMENTS (1024). GET_ID and FLUSH
+ * ignore the extra bytes, so they must succeed up to the limit and fail past
+ * it; IN and OUT also meet seg_max.
+ */
+function manySegments(gen: Gen): { head: number; note: string } | undefined {
+  const { rng } = gen;
+  const target = rng.weighted([[4, rng.range(1020, 1028)], [2, rng.range(1000, 1100)], [1, rng.range(127, 400)], [1, rng.range(1100, 2100)]] as const);
+  const type = rng.weighted([[3, T.GET_ID], [2, T.FLUSH], [1, T.IN], [1, T.OUT]] as const);
+  const straddle = rng.pick([0, 0.1, 0.5, 1]);
+  const pieces: DescRec[] = [{ addr: BigInt(gen.header(type, Q1_SECTORS + rng.int(CAPACITY - Q1_SECTORS - 4))), len: 16, flags: 0, next: 0 }];
+  // The writable end: GET_ID's 20 bytes and the status, IN's one shared 512-byte buffer (it fails seg_max anyway), or the status alone.
+  const tail: DescRec[] = [];
+  const wlen = type === T.GET_ID ? 21 : 1;
+  const st = gen.wbuf(wlen, rng.chance(0.2));
+  if (st === undefined) return undefined;
+  gen.g.mem.fill(st, wlen, POISON);
+  tail.push({ addr: BigInt(st), len: wlen, flags: DESC_F_WRITE, next: 0 });
+  let inBuf: number | undefined;
+  if (type === T.IN) {
+    inBuf = gen.wbuf(512, rng.chance(0.5));
+    if (inBuf === undefined) return undefined;
+    gen.g.mem.fill(inBuf, 512, POISON);
+  }
+  const segsOf = (d: DescRec): number => pieces2(Number(d.addr), d.len);
+  let segs = segsOf(pieces[0]!) + segsOf(tail[0]!);
+  const body: DescRec[] = [];
+  while (segs < target) {
+    const two = target - segs >= 2 && rng.chance(straddle);
+    const len = type === T.OUT || type === T.IN ? 512 : rng.range(1, 64);
+    let addr: number;
+    if (type === T.IN) addr = inBuf!;
+    else addr = two ? R3 - rng.range(1, len - 1 || 1) : S_START + rng.int(S_END - S_START - len);
+    if (two && len < 2) addr = R3 - 1;
+    const d: DescRec = { addr: BigInt(addr), len: two && len < 2 ? 2 : len, flags: type === T.IN ? DESC_F_WRITE : 0, next: 0 };
+    body.push(d);
+    segs += segsOf(d);
+  }
+  const head = gen.place([...pieces, ...body, ...tail]);
+  if (head === undefined) return undefined;
+  return { head, note: `many segments: type ${type}, ${pieces.length + body.length + tail.length} descriptors, ${segs} segments` };
+}
+
+/** Requests at seg_max (126 data descriptors) and size_max (1 MiB per descriptor), on either side. */
+function limitsRequest(gen: Gen): { head: number; note: string } | undefined {
+  const { rng } = gen;
+  const kind = rng.pick(['seg_max', 'size_max'] as const);
+  let type = rng.pick([T.IN, T.OUT]);
+  const data: number[] = [];
+  if (kind === 'seg_max') {
+    const d = rng.weighted([[3, 126], [2, 127], [2, 125], [1, rng.range(1, 140)]] as const);
+    for (let i = 0; i < d; i++) data.push(type === T.IN ? rng.pick([512, 512, 1024]) : 512 * rng.range(1, 2));
+  } else {
+    const big = rng.pick([SIZE_MAX - 512, SIZE_MAX, SIZE_MAX + 512, SIZE_MAX + 4096, 2 * SIZE_MAX]);
+    if (type === T.IN && big > 2 * MiB) type = T.OUT;
+    data.push(big);
+    if (rng.chance(0.3)) data.push(512 * rng.range(1, 8));
+    if (rng.chance(0.3)) data.unshift(512 * rng.range(1, 8));
+  }
+  const total = data.reduce((a, b) => a + b, 0);
+  const sector = Q1_SECTORS + rng.int(CAPACITY - Q1_SECTORS - total / SECTOR + 1);
+  const pieces: DescRec[] = [];
+  const h = gen.header(type, sector);
+  pieces.push({ addr: BigInt(h), len: 16, flags: 0, next: 0 });
+  for (const len of data) {
+    if (type === T.OUT) {
+      pieces.push({ addr: BigInt(gen.sbuf(len)), len, flags: 0, next: 0 });
+    } else {
+      const a = gen.wbuf(len, rng.chance(0.1));
+      if (a === undefined) return undefined;
+      gen.g.mem.fill(a, len, POISON);
+      pieces.push({ addr: BigInt(a), len, flags: DESC_F_WRITE, next: 0 });
+    }
+  }
+  const st = gen.wbuf(1);
+  if (st === undefined) return undefined;
+  pieces.push({ addr: BigInt(st), len: 1, flags: DESC_F_WRITE, next: 0 });
+  const head = gen.place(pieces);
+  if (head === undefined) return undefined;
+  return { head, note: `${kind}: type ${type}, data descriptors ${data.join('+')} bytes, sector ${sector}` };
+}
+
 function plan(gen: Gen, avoid: Set<string>): Planned {
   const { rng, q } = gen;
   gen.avoid = avoid;
-  const p: Planned = { heads: [], notes: [], tags: new Set() };
+  const p: Planned = { heads: [], notes: [], tags: new Set(), wFrom: gen.w.cur };
+  if (rng.chance(0.01) && bigTable(gen, p)) return p;
   const nChains = rng.weighted([[6, 1], [4, rng.range(2, 4)], [2, rng.range(5, 16)], [0.1, Math.min(q.size, 256)]] as const);
   for (let i = 0; i < nChains; i++) {
-    const kind = rng.weighted([[35, 'valid'], [20, 'semantic'], [20, 'structural'], [15, 'random']] as const);
+    const kind = rng.weighted([[35, 'valid'], [20, 'semantic'], [20, 'structural'], [15, 'random'], [1, 'many-segments'], [2, 'limits']] as const);
     let r: { head: number; note: string } | undefined;
-    if (kind === 'valid' || kind === 'semantic') {
+    if (kind === 'many-segments') r = manySegments(gen);
+    else if (kind === 'limits') r = limitsRequest(gen);
+    else if (kind === 'valid' || kind === 'semantic') {
       const req = request(gen, kind === 'semantic');
       const head = req && gen.place(req.pieces);
       if (head !== undefined) r = { head, note: req!.note };
@@ -1317,7 +1516,12 @@ class RingFuzzer {
     const w = this.g.read(W_START, W_END - W_START);
     const check = (from: number, to: number): void => {
       for (let a = from; a < to && !bad; a++) {
-        if (w[a - W_START] !== POISON) bad = `guest memory at 0x${a.toString(16)} changed, outside every device-writable buffer`;
+        if (w[a - W_START] !== POISON) {
+          let to = a;
+          while (to < W_END && w[to - W_START] !== POISON) to++;
+          const near = ranges.filter((r) => Math.abs(r.gpa - a) < 4096).map((r) => `0x${r.gpa.toString(16)}+${r.len}`).join(' ');
+          bad = `guest memory at 0x${a.toString(16)} (${to - a} bytes: ${Buffer.from(w.subarray(a - W_START, Math.min(to, a + 16) - W_START)).toString('hex')}) changed, outside every device-writable buffer (buffers near: ${near || 'none'})`;
+        }
       }
     };
     for (const r of ranges) {
@@ -1369,12 +1573,14 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
     blk?: BlkExpect;
   }
   const exp: Exp[] = [];
-  let failAt = -1; // index in exp of the entry that fails the queue
-  let failKind: 'ring' | 'chain' | undefined;
-  let mayFail = false;
-  let sentinel = false;
+  // Index in exp of the entry that fails the queue: a ring error (head out of range, avail idx
+  // jump) or a chain without a status byte. It gets no used entry and nothing after it is taken.
+  let failAt = -1;
   const writableTaken: Seg[] = [];
+  /** Writable layouts already published: the same chain again (one table behind many entries) races only with itself. */
+  const published = new Set<string>();
   const overlaps = (segs: Seg[]): boolean => segs.some((s) => writableTaken.some((t) => s.gpa < t.gpa + t.len && t.gpa < s.gpa + s.len));
+  const walks = new Map<number, Walk>();
   const heads: number[] = [];
   const notes: string[] = [];
   for (let i = 0; i < p.heads.length; i++) {
@@ -1384,47 +1590,31 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
       exp.push({ head, note: p.notes[i]! });
       heads.push(head);
       notes.push(p.notes[i]!);
-      if (!p.jump) {
-        failAt = exp.length - 1;
-        failKind = 'ring';
-      }
+      if (!p.jump) failAt = exp.length - 1;
       continue;
     }
-    const w = walk(g, q.desc, q.size, head, indirectOk);
-    if (!w.malformed) {
-      // Two chains sharing a device-writable byte would race for it: publish only the first.
+    let w = walks.get(head);
+    if (!w) walks.set(head, (w = walk(q.desc, q.size, head, indirectOk, g)));
+    // The same chain (same buffers, same verdict) may race only with itself: both write the same bytes.
+    const sig = `${w.fault ? 'fault' : 'sound'}|${w.readable.map((s) => `${s.gpa}+${s.len}`).join(',')}|${w.writable.map((s) => `${s.gpa}+${s.len}`).join(',')}`;
+    if (w.status !== undefined && !published.has(sig)) {
+      // Two different chains sharing a device-writable byte would race for it: publish only the first.
       if (overlaps(w.writable)) continue;
       writableTaken.push(...w.writable);
+      published.add(sig);
     }
+    // A chain may run into stale descriptors of earlier inputs, whose buffers were handed out in an
+    // earlier epoch of W: what it reaches is device-writable all the same.
+    if (w.status !== undefined) for (const s of w.writable) if (s.gpa < W_END && s.gpa + s.len > W_START) gen.wRanges.push(s);
     const e: Exp = { head, note: p.notes[i]!, walk: w };
-    if (!w.malformed) e.blk = blkModel(g, w, fz.features, gen.avoid);
+    if (w.status !== undefined) e.blk = blkModel(g, w, fz.features, gen.avoid);
     if (e.blk?.tag) p.tags.add(e.blk.tag);
     exp.push(e);
     heads.push(head);
     notes.push(p.notes[i]!);
-    if (w.malformed) {
-      failAt = exp.length - 1;
-      failKind = 'chain';
-    } else if (w.mayFail) {
-      // A chain the device may refuse ends the input, followed by a GET_ID sentinel (completed
-      // synchronously): refused, the sentinel never comes back; taken, it does. No timing involved.
-      mayFail = true;
-      if (gen.sentinel !== undefined) {
-        const sw = walk(g, q.desc, q.size, gen.sentinel, indirectOk);
-        if (!sw.malformed && !sw.mayFail && !overlaps(sw.writable)) {
-          exp.push({ head: gen.sentinel, note: 'sentinel GET_ID', walk: sw, blk: blkModel(g, sw, fz.features) });
-          heads.push(gen.sentinel);
-          notes.push('sentinel GET_ID');
-          sentinel = true;
-        }
-      }
-      break;
-    }
+    if (w.status === undefined) failAt = exp.length - 1;
   }
-  if (p.jump) {
-    failAt = 0;
-    failKind = 'ring';
-  }
+  if (p.jump) failAt = 0;
   // Publish.
   const availRing = (i: number): number => 2 + (i % q.size);
   heads.forEach((h, i) => (q.avail[availRing(base + i)] = h));
@@ -1434,33 +1624,42 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
   Atomics.store(q.avail, 1, newIdx);
   q.availIdx = newIdx;
   const errBefore = fz.errSignals;
-  const callsBefore = fz.callSignals;
   native.write(q.kick, ONE);
 
-  // Wait: every processed chain back, and the err fd if the queue must fail.
-  const processedCount = (fail: number, kind: typeof failKind): number => (fail < 0 ? exp.length : kind === 'chain' ? fail + 1 : fail);
+  // Wait: every chain before the failing entry back, and the err fd if the queue must fail.
+  const processed = failAt < 0 ? exp.length : failAt;
   const used = (): number => (Atomics.load(q.used, 1) - q.lastUsed) & 0xffff;
-  const deadline = Date.now() + WAIT_MS;
+  // Big tables behind many entries take the device a while to walk: allow for it.
+  const walked = exp.reduce((a, e) => a + (e.walk?.descriptors ?? 1), 0);
+  const deadline = Date.now() + WAIT_MS + Math.floor(walked / 5_000);
   const failedNow = (): boolean => fz.errSignals > errBefore;
   const finalState = (): boolean => {
     const n = used();
-    if (failedNow()) return failAt >= 0 ? n >= processedCount(failAt, failKind) : mayFail && n >= exp.length - (sentinel ? 1 : 0);
-    return failAt < 0 && n >= exp.length;
+    return failAt >= 0 ? failedNow() && n >= processed : n >= exp.length;
   };
   let lastSeen = -1;
   let progressWithoutCall = 0;
-  // The device completes a malformed chain, then signals the err fd: a short grace before concluding it never will.
+  // More used entries than the model allows can only be wrong; a short grace for the rest to show.
   let graceUntil = 0;
   for (;;) {
     if (finalState()) break;
     if (eventIdx && !p.noInterrupts) {
-      // Like Linux's virtqueue_enable_cb: interrupt on the next used entry, then re-check.
-      Atomics.store(q.avail, 2 + q.size, Atomics.load(q.used, 1));
+      // Like Linux's virtqueue_enable_cb: interrupt on the next used entry, then re-check. If the
+      // device published more between the load and the store, the stored used_event is already
+      // behind its last decision and no interrupt would come: look again before sleeping.
+      const u = Atomics.load(q.used, 1);
+      Atomics.store(q.avail, 2 + q.size, u);
       if (finalState()) break;
+      if (Atomics.load(q.used, 1) !== u) {
+        lastSeen = used();
+        continue;
+      }
     }
-    if (failKind === 'chain' && !failedNow() && used() >= exp.length) {
-      if (!graceUntil) graceUntil = Date.now() + 500;
-      else if (Date.now() > graceUntil) break; // completed like any other chain: judged below
+    if (used() > processed || (failAt >= 0 && !failedNow() && used() >= processed && graceUntil)) {
+      if (!graceUntil) graceUntil = Date.now() + 200;
+      else if (Date.now() > graceUntil) break;
+    } else if (failAt >= 0 && !failedNow() && used() >= processed) {
+      graceUntil = Date.now() + 500; // the err fd comes right after the earlier chains were taken
     }
     const left = deadline - Date.now();
     if (left <= 0) break;
@@ -1470,55 +1669,35 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
     if (n !== lastSeen && fz.callSignals === callsSeen && !failedNow() && !p.noInterrupts && !graceUntil) progressWithoutCall++;
     lastSeen = n;
   }
-  // A chain the device may refuse ended the list. Refused, it comes back with used length 0 and the
-  // err fd follows at once (give a loaded machine a while); any other length means it was taken.
-  // Used entries come in completion order, not avail order: a refusal is completed at once, ahead of
-  // earlier chains still doing I/O, so look for its head among all of this input's entries.
-  if (!failedNow() && mayFail && !sentinel && failAt < 0 && used() >= exp.length) {
-    const head = exp[exp.length - 1]!.head;
-    let refusedLooking = false;
-    for (let k = 0; k < exp.length; k++) {
-      const slot = (q.lastUsed + k) % q.size;
-      if (q.usedDv.getUint32(4 + slot * 8, true) === head && q.usedDv.getUint32(8 + slot * 8, true) === 0) refusedLooking = true;
-    }
-    if (refusedLooking) {
-      const until = Date.now() + 500;
-      while (!failedNow() && Date.now() < until) await fz.waitEvent(until - Date.now());
-    }
-  }
   const n = used();
   const failed = failedNow();
   const describe = (): string =>
     `queue size ${q.size}, base ${base}, published ${heads.length}${p.jump ? ` (+ jump ${p.jump})` : ''}: ` +
-    exp.map((e, i) => `\n    [${i}] head ${e.head}: ${e.note}${e.walk?.malformed ? ` => malformed: ${e.walk.malformed}` : ''}${e.walk?.mayFail ? ` => may fail: ${e.walk.mayFail}` : ''}${e.blk ? ` => ${e.blk.outcome} (${e.blk.why})` : ''}`).join('') +
+    describeExp(exp) +
     (p.noInterrupts ? '\n    (used_event and flags ask for no interrupts)' : '');
   if (process.env.VHOSTD_FUZZ_TRACE && fz.traceOn) console.log(`  model: ${describe()}\n  n=${n} failed=${failed}`);
-  if (!finalState() && !(graceUntil && n >= exp.length)) {
+  if (n > processed && n <= q.size) {
     return {
       kind: failed ? 'failed-queue' : 'ok',
-      error: `no final state within ${WAIT_MS} ms: ${n} used entries, err fd ${failed ? 'signalled' : 'silent'}, expected ${failAt >= 0 ? `the queue to fail at entry ${failAt}` : `${exp.length} completions`}; ${describe()}`,
-      hung: true,
+      error: `${n} used entries, the model allows ${processed}${failAt >= 0 ? ` (entry [${failAt}] must fail the queue untaken: ${exp[failAt]!.walk?.fault ?? 'ring error'})` : ''}; ${describe()}`,
+      expectBase: failed ? (base + processed) & 0xffff : undefined,
     };
   }
-  // Which outcome happened.
-  let processed = exp.length;
-  if (failed) {
-    if (failAt < 0) {
-      failAt = exp.length - (sentinel ? 2 : 1); // the chain it may refuse, refused
-      failKind = 'chain';
-    }
-    processed = processedCount(failAt, failKind);
-    if (n !== processed) return { kind: 'failed-queue', error: `queue failed with ${n} used entries; the model allows ${processed}; ${describe()}` };
-  } else if (failAt >= 0) {
-    return { kind: 'ok', error: `entry [${failAt}] had to fail the queue (${exp[failAt]!.walk?.malformed ?? 'ring error'}) but the device completed it and went on; ${describe()}` };
-  } else if (n !== exp.length) {
-    return { kind: 'ok', error: `${n} used entries for ${exp.length} chains; ${describe()}` };
+  if (!finalState()) {
+    const hung = failAt < 0 || failed || n < processed;
+    return {
+      kind: failed ? 'failed-queue' : 'ok',
+      error: failAt >= 0 && !failed && n >= processed
+        ? `entry [${failAt}] had to fail the queue (${exp[failAt]!.walk?.fault ?? 'ring error'}) but the err fd stayed silent; ${describe()}`
+        : `no final state in time: ${n} used entries, err fd ${failed ? 'signalled' : 'silent'}, expected ${failAt >= 0 ? `the queue to fail at entry ${failAt} after ${processed} completions` : `${exp.length} completions`}; ${describe()}`,
+      hung,
+    };
   }
+  if (failed && failAt < 0) return { kind: 'failed-queue', error: `the queue failed, but every chain had a status byte and the ring was sound; ${describe()}`, expectBase: (base + n) & 0xffff };
   // Judge completions: match used entries to published chains by head.
   const pending = new Map<number, number[]>();
   for (let i = 0; i < processed; i++) {
     const e = exp[i]!;
-    if (failed && i === failAt && failKind === 'ring') break;
     const l = pending.get(e.head) ?? [];
     l.push(i);
     pending.set(e.head, l);
@@ -1537,18 +1716,9 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
     }
     const i = l.shift()!;
     const e = exp[i]!;
-    const isFailing = failed && i === failAt;
-    if (isFailing) {
-      if (len !== 0) errors.push(`malformed chain [${i}] head ${id} returned with used length ${len}, not 0`);
-      continue;
-    }
     const b = e.blk!;
-    const st = b.status ? g.read(b.status.gpa, 1)[0]! : -1;
-    if (b.outcome === 'untouched') {
-      if (!(len === 0 && (st === -1 || st === POISON)) && !(st === S.IOERR || st === S.UNSUPP)) {
-        errors.push(`chain [${i}] (${b.why}) must come back untouched or failed: used length ${len}, status ${st}`);
-      }
-    } else if (b.outcome === 'ok') {
+    const st = g.read(b.status.gpa, 1)[0]!;
+    if (b.outcome === 'ok') {
       if (st !== S.OK) {
         errors.push(`chain [${i}] (${e.note}: ${b.why}) is valid but got status ${st}`);
         // It may have changed the image anyway: allow that, so one bug is reported once, not again by every later check.
@@ -1571,12 +1741,17 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
       else if (b.effect) effects.push(b.effect);
     } else {
       if (st !== S.IOERR && st !== S.UNSUPP) errors.push(`chain [${i}] (${e.note}: ${b.why}) must fail, got status ${st}${st === S.OK ? ' (OK!)' : ''}`);
-      else if (len < 1 || len > e.walk!.wBytes) errors.push(`chain [${i}] failed with used length ${len}`);
+      else if (len !== 1) errors.push(`chain [${i}] (${b.why}) failed with used length ${len}, not 1`);
+      else {
+        // A refused request writes nothing but its status byte.
+        // Only buffers allocated (poisoned) for this input: a chain can reach stale descriptors whose buffers earlier requests filled.
+        const bad = e.walk!.writable.find((s) => s.gpa >= p.wFrom && s.gpa + s.len <= gen.w.cur && g.read(s.gpa, s.len).some((x, j) => x !== POISON && s.gpa + j !== b.status.gpa));
+        if (bad) errors.push(`chain [${i}] (${b.why}) failed but its buffer 0x${bad.gpa.toString(16)} +${bad.len} was written`);
+      }
     }
   }
   q.lastUsed = (q.lastUsed + n) & 0xffff;
   if (progressWithoutCall > 1 && !failed) errors.push(`completions arrived without a call-fd interrupt ${progressWithoutCall} times`);
-  void callsBefore;
   // Image effects of OK requests become allowed; then OK reads must show allowed data.
   // Requests of one input run concurrently: a sector two of them write, or one that queue 1's
   // traffic writes meanwhile, may end up holding any mixture; a read of a sector written in the
@@ -1620,6 +1795,14 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
   const expectBase = failed ? (base + processed) & 0xffff : undefined;
   if (errors.length) return { kind: failed ? 'failed-queue' : 'ok', error: `${errors.slice(0, 4).join('\n  ')}\n  ${describe()}`, expectBase };
   return { kind: failed ? 'failed-queue' : 'ok', expectBase };
+}
+
+/** The model's entries for a failure report (long rings summarised). */
+function describeExp(exp: { head: number; note: string; walk?: Walk; blk?: BlkExpect }[]): string {
+  const line = (e: (typeof exp)[number], i: number): string =>
+    `\n    [${i}] head ${e.head}: ${e.note}${e.walk?.fault ? ` => fault: ${e.walk.fault}` : ''}${e.walk ? (e.walk.status === undefined ? ' => no status byte: fails the queue untaken' : ` => status byte at 0x${e.walk.status.toString(16)}, ${e.walk.descriptors} descriptors, ${e.walk.segments} segments`) : ''}${e.blk ? ` => ${e.blk.outcome} (${e.blk.why})` : ''}`;
+  if (exp.length <= 24) return exp.map(line).join('');
+  return [...exp.slice(0, 12).map(line), `\n    ... ${exp.length - 24} more ...`, ...exp.slice(-12).map((e, j) => line(e, exp.length - 12 + j))].join('');
 }
 
 /**
@@ -1693,6 +1876,7 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
   /** Replace a dead or hung daemon (reporting it unless the caller already did) and start over. */
   const restartDaemon = async (index: number, why: string, reported = false): Promise<void> => {
     const hung = !d.exited();
+    checkRss(index);
     let busy = '';
     if (hung) {
       const b = await d.cpuBusy();
@@ -1733,8 +1917,21 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
     }
   };
 
+  /** The daemon's peak RSS against RSS_BOUND. */
+  const checkRss = (index: number): void => {
+    const rss = d.peakRss();
+    if (rss === undefined) return;
+    extra.peakRssMiB = Math.max(extra.peakRssMiB ?? 0, Math.round(rss / MiB));
+    if (rss > RSS_BOUND && !rssReported) {
+      rssReported = true;
+      fail(index, 'memory', `daemon peak RSS (VmHWM) ${(rss / MiB).toFixed(0)} MiB is above the bound of ${RSS_BOUND / MiB} MiB`);
+    }
+  };
+  let rssReported = false;
+
   /** Between batches: queue 1 settled, image and guest memory verified, failures logged, a reconnect and a leak check. */
   const checkpoint = async (index: number, gen: Gen | undefined): Promise<void> => {
+    checkRss(index);
     await fz.q1Work;
     if (fz.q1Error) {
       fail(index, 'healthy queue failed', `queue 1 while fuzzing queue 0: ${fz.q1Error}`);
@@ -1806,11 +2003,11 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
         gen.w.cur = old.w.cur;
         gen.wRanges = old.wRanges;
       }
-      if (gen.w.cur > W_END - 512 * KiB) {
+      // VHOSTD_FUZZ_CHECK_EACH: check W after every input, to find which one wrote outside its buffers.
+      if (gen.w.cur > W_END - 512 * KiB || (process.env.VHOSTD_FUZZ_CHECK_EACH && old)) {
         const w = fz.checkW(gen);
         if (w) fail(index, 'corruption', w);
       }
-      gen.reserveSentinel();
       let p: Planned;
       try {
         p = plan(gen, avoid);
@@ -1893,6 +2090,7 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
       ticker.tick(inputs, failures.length);
     }
     if (!d.exited()) await checkpoint(start + opts.count - 1, gen);
+    if (!d.exited()) checkRss(start + opts.count - 1);
   } catch (e) {
     fail(-1, 'fuzzer error', (e as Error).stack ?? String(e));
   } finally {

@@ -1,5 +1,5 @@
 // Long fuzz runs from the command line:
-//   npm run fuzz -- --target socket|ring|both [--count N] [--seed S] [--start I]
+//   npm run fuzz -- --target socket|ring|net|both|all [--count N] [--seed S] [--start I]
 //                   [--batch B] [--max-failures F] [--avoid class,...]
 // Prints inputs per second as it goes and a summary at the end; exits 1 if
 // anything failed. Ctrl-C stops after the current input, runs the final
@@ -9,9 +9,10 @@ import { parseArgs } from 'node:util';
 import { describeFailure, type FuzzStats, type Progress, type RunOptions } from './common.js';
 import { run as runRing } from './ring-fuzz.js';
 import { run as runSocket } from './socket-fuzz.js';
+import { run as runNet } from './net-fuzz.js';
 import { parseSeed } from './prng.js';
 
-const USAGE = 'usage: npm run fuzz -- --target socket|ring|both [--count N] [--seed S] [--start I] [--batch B] [--max-failures F] [--avoid class,...]';
+const USAGE = 'usage: npm run fuzz -- --target socket|ring|net|both|all [--count N] [--seed S] [--start I] [--batch B] [--max-failures F] [--avoid class,...]';
 
 function main(): Promise<number> {
   let args;
@@ -37,7 +38,7 @@ function main(): Promise<number> {
     console.log(USAGE);
     return Promise.resolve(0);
   }
-  const targets = args.target === 'both' ? (['socket', 'ring'] as const) : args.target === 'socket' || args.target === 'ring' ? ([args.target] as const) : undefined;
+  const targets = args.target === 'both' ? (['socket', 'ring'] as const) : args.target === 'all' ? (['socket', 'ring', 'net'] as const) : args.target === 'socket' || args.target === 'ring' || args.target === 'net' ? ([args.target] as const) : undefined;
   const count = Number(args.count);
   const start = Number(args.start);
   if (!targets || !Number.isInteger(count) || count < 1 || !Number.isInteger(start) || start < 0) {
@@ -48,7 +49,7 @@ function main(): Promise<number> {
   return runAll(targets, { seed, count, start, batch: args.batch ? Number(args.batch) : undefined, maxFailures: args['max-failures'] ? Number(args['max-failures']) : undefined, avoid: args.avoid?.split(',').filter(Boolean) });
 }
 
-async function runAll(targets: readonly ('socket' | 'ring')[], base: RunOptions): Promise<number> {
+async function runAll(targets: readonly ('socket' | 'ring' | 'net')[], base: RunOptions): Promise<number> {
   const abort = new AbortController();
   process.once('SIGINT', () => {
     console.log('\n(stopping after the current input; Ctrl-C again to kill)');
@@ -67,14 +68,14 @@ async function runAll(targets: readonly ('socket' | 'ring')[], base: RunOptions)
       if (dt < 2_000 && p.inputs < base.count) return;
       lastInputs = p.inputs;
       lastMs = p.elapsedMs;
-      const what = target === 'socket' ? 'messages' : 'chains';
+      const what = target === 'socket' ? 'messages' : target === 'net' ? 'frames' : 'chains';
       console.log(
         `[${target}] ${p.inputs} inputs in ${(p.elapsedMs / 1000).toFixed(1)} s: ${p.rate.toFixed(0)}/s overall, ${recent.toFixed(0)}/s lately; ` +
           `${((p.messages * 1000) / Math.max(p.elapsedMs, 1)).toFixed(0)} ${what}/s; ${p.failures} failures`,
       );
     };
     const opts: RunOptions = { ...base, onProgress, signal: abort.signal, log: (l) => console.log(l) };
-    const st = target === 'socket' ? await runSocket(opts) : await runRing(opts);
+    const st = target === 'socket' ? await runSocket(opts) : target === 'net' ? await runNet(opts) : await runRing(opts);
     results.push(st);
   }
   console.log('\n==== summary ====');
@@ -84,7 +85,7 @@ async function runAll(targets: readonly ('socket' | 'ring')[], base: RunOptions)
     const extra = Object.entries(st.extra).map(([k, v]) => `${k} ${v}`).join(', ');
     console.log(
       `[${st.target}] seed ${st.seed}: ${st.inputs} inputs in ${(st.elapsedMs / 1000).toFixed(1)} s = ${st.rate.toFixed(0)} inputs/s, ` +
-        `${st.messages} ${st.target === 'socket' ? 'vhost-user messages' : 'descriptor chains'} = ${((st.messages * 1000) / st.elapsedMs).toFixed(0)}/s; ` +
+        `${st.messages} ${st.target === 'socket' ? 'vhost-user messages' : st.target === 'net' ? 'injected frames' : 'descriptor chains'} = ${((st.messages * 1000) / st.elapsedMs).toFixed(0)}/s; ` +
         `${st.target === 'socket' ? 'closed by the daemon' : 'queue failed'} ${st.closes}, ${st.target === 'socket' ? 'answered' : 'completed'} ${st.replies}; ${extra}; ${st.failures.length} failures`,
     );
     for (const f of st.failures) console.log(`  - ${describeFailure(f, st.target).split('\n')[0]}`);
