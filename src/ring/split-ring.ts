@@ -146,12 +146,9 @@ export class SplitRing implements Ring {
     let writing = false;
     // The last writable descriptor with bytes: [addr, len], and whether it lies in memory.
     let statusAddr = -1;
-    const fault = (why: string): void => {
-      chain.fault ??= why;
-    };
     for (;;) {
       if (budget-- === 0) {
-        fault(`descriptor chain from head ${head} does not end within its table: a loop`);
+        chain.fault ??= `descriptor chain from head ${head} does not end within its table: a loop`;
         statusAddr = -1;
         break;
       }
@@ -173,14 +170,14 @@ export class SplitRing implements Ring {
           : len === 0 || len % DESC_SIZE ? `indirect table length ${len} is not a non-zero multiple of 16`
           : undefined;
         if (bad) {
-          fault(bad);
+          chain.fault ??= bad;
           statusAddr = -1;
           break;
         }
-        if (len / DESC_SIZE > this.size) fault(`indirect table of ${len / DESC_SIZE} descriptors is larger than the queue (${this.size})`);
+        if (len / DESC_SIZE > this.size) chain.fault ??= `indirect table of ${len / DESC_SIZE} descriptors is larger than the queue (${this.size})`;
         const place = hi >= 0x200000 ? undefined : this.mem.small(addr, Math.min(len, REACHABLE_TABLE_BYTES));
         if (!place) {
-          fault(`indirect table at ${hex(addr)} (+${len}) is outside guest memory`);
+          chain.fault ??= `indirect table at ${hex(addr)} (+${len}) is outside guest memory`;
           statusAddr = -1;
           break;
         }
@@ -193,21 +190,21 @@ export class SplitRing implements Ring {
       }
       const writable = (flags & DESC_F_WRITE) !== 0;
       if (writable) writing = true;
-      else if (writing) fault('readable descriptor after a writable one');
+      else if (writing) chain.fault ??= 'readable descriptor after a writable one';
       total += len;
-      if (total > MAX_CHAIN_BYTES) fault(`descriptor chain from head ${head} moves more than 4 GiB`);
+      if (total > MAX_CHAIN_BYTES) chain.fault ??= `descriptor chain from head ${head} moves more than 4 GiB`;
       if (len > 0) {
         const inMemory = hi < 0x200000 && addr + len <= MAX_ADDRESS && this.resolve(chain, addr, len, ordinal, writable);
-        if (!inMemory) fault(`descriptor ${idx} buffer ${hex(addr)} (+${len}) is outside guest memory`);
+        if (!inMemory) chain.fault ??= `descriptor ${idx} buffer ${hex(addr)} (+${len}) is outside guest memory`;
         // The status byte is the chain's last byte, and only a writable one can hold it.
         statusAddr = writable && inMemory ? addr + len - 1 : -1;
         if (writable) chain.writableBytes += len;
         else chain.readableBytes += len;
       }
-      if (++ordinal === this.size + 1) fault(`descriptor chain from head ${head} is longer than the queue (${this.size})`);
+      if (++ordinal === this.size + 1) chain.fault ??= `descriptor chain from head ${head} is longer than the queue (${this.size})`;
       if (!(flags & DESC_F_NEXT)) break;
       if (next >= tableLen) {
-        fault(`descriptor ${idx} has next ${next}, table has ${tableLen}`);
+        chain.fault ??= `descriptor ${idx} has next ${next}, table has ${tableLen}`;
         statusAddr = -1;
         break;
       }
