@@ -332,6 +332,7 @@ async function main(): Promise<void> {
 
     const samples: Sample[] = [];
     const fio: FioResult[] = [];
+    const backendLogs: { round: number; backend: string; exit: number | null; lines: string[] }[] = [];
     for (let round = 0; round < rounds; round++) {
       const live = new Map<BackendName, Backend>();
       try {
@@ -355,7 +356,15 @@ async function main(): Promise<void> {
           }
         }
       } finally {
-        for (const b of live.values()) await b.stop();
+        for (const [name, b] of live) {
+          const code = await b.stop();
+          // Anything a back-end said at warn level or above (vhostd logs at warn here; qsd prints only trouble).
+          const said = b.output().split('\n').filter((l) => l.trim() && !/^# attach with:|^qemu-system-x86_64 /.test(l));
+          if (said.length || (code !== 0 && code !== null)) {
+            backendLogs.push({ round, backend: name, exit: code, lines: said.slice(-20) });
+            console.error(`round ${round + 1}: ${name} exited ${code}${said.length ? `, said:\n  ${said.slice(-5).join('\n  ')}` : ''}`);
+          }
+        }
       }
       if (doFio) {
         const img = images.values().next().value;
@@ -436,6 +445,7 @@ async function main(): Promise<void> {
           summary: Object.fromEntries(sum),
           fio: { samples: fio, medians: fioSum },
           warnings,
+          backend_logs: backendLogs,
           samples,
         },
         null,
