@@ -297,8 +297,8 @@ type Step =
       chunkFds?: number[][];
       mutated?: boolean;
       /** Oracles, checked only while nothing before this message was mutated: */
-      /** GET_VRING_BASE must answer this index (every request of the ring was awaited). */
-      expectBase?: number;
+      /** GET_VRING_BASE must answer the ring's published count, when every request published on it was awaited. */
+      checkBase?: boolean;
       /** The daemon must close the connection at this message (the reason it must). */
       mustClose?: string;
       /** Empty this (late call) eventfd just before sending. */
@@ -385,7 +385,7 @@ function pushStop(steps: Step[], nq: number, features: bigint, flags: number, cn
   if (has(features, VF.PROTOCOL_FEATURES)) {
     for (let q = 0; q < nq; q++) steps.push(msg(`SET_VRING_ENABLE(${q},0)`, Req.SET_VRING_ENABLE, flags, vringState(q, 0)));
   }
-  for (let q = 0; q < nq; q++) steps.push({ ...msg(`GET_VRING_BASE(${q})`, Req.GET_VRING_BASE, V, vringState(q, 0)), expectBase: cnt?.[q] });
+  for (let q = 0; q < nq; q++) steps.push({ ...msg(`GET_VRING_BASE(${q})`, Req.GET_VRING_BASE, V, vringState(q, 0)), checkBase: cnt !== undefined });
 }
 
 /** NUM, BASE, ADDR, (ERR), KICK, CALL for queue q of `layout`. */
@@ -995,6 +995,9 @@ const MUTATIONS: [number, string, Mutation][] = [
     const i = c.rng.range(1, n - 1);
     const [s] = c.input.steps.splice(i, 1);
     s!.mutated = true;
+    // What follows the gap no longer follows a valid prefix either.
+    const next = c.input.steps[i];
+    if (next) next.mutated = true;
     c.input.steps.splice(c.rng.range(1, n - 1), 0, s!);
     return true;
   }],
@@ -1455,7 +1458,7 @@ function describeStep(res: Resources, s: Step): string {
     `${s.name} req=${s.req} flags=0x${s.flags.toString(16)} len=${s.payload.length}` +
     `${s.size !== undefined ? ` size=${s.size}` : ''}${fds.length ? ` fds=[${fds.map((f) => res.name(f)).join(',')}]` : ''}` +
     `${s.split ? ` split@${s.split.join(',')}` : ''} ${hex(s.payload, 48)}` +
-    `${s.expectBase !== undefined ? ` (must answer ${s.expectBase})` : ''}${s.mustClose ? ' (must close)' : ''}`
+    `${s.checkBase ? ' (must answer the published count)' : ''}${s.mustClose ? ' (must close)' : ''}`
   );
 }
 
@@ -1560,8 +1563,6 @@ class SocketFuzzer {
   async run(input: Input, accepted: () => void): Promise<Outcome> {
     const res = this.res;
     if (input.manyFds) return this.runManyFds(input);
-    // Fresh rings for this input.
-    regionView(res, input.layout).bytes.fill(0, ...input.layout.ringArea);
     const conn = RawConn.tryConnect(this.d.socket);
     if (!conn) return { kind: 'refused' };
     const sent: { bytes: Uint8Array; fds: number }[] = [];
@@ -1608,6 +1609,8 @@ class SocketFuzzer {
       }
       if (conn.eof && !conn.replies.length) return { kind: 'refused' };
       accepted();
+      // Fresh rings for this input, now that the previous connection is torn down (until then its rings may still complete requests).
+      regionView(res, input.layout).bytes.fill(0, ...input.layout.ringArea);
       fillInflight(res, input);
       // Nothing mutated has been sent yet: every message so far is valid, the oracles below apply.
       let pristine = true;
@@ -1636,24 +1639,27 @@ class SocketFuzzer {
           // Checked I/O needs rings the fuzzer alone fills: no inflight area replaying old records.
           if (!pristine || !inflightOk) continue;
           if (!(await flush())) break;
+          // What was published, not what the generator planned: a mutation further on may have moved a request here or away.
+          const n = ioState.reqs[s.q]!.length;
           if (s.still) {
             const idx = usedIdx(res, input, s.q);
-            if (idx !== s.n) return { kind: 'fail', why: `queue ${s.q} is disabled (RESET_OWNER) but its used idx moved from ${s.n} to ${idx}` };
+            const was = ioState.checked[s.q]!;
+            if (idx !== was) return { kind: 'fail', why: `queue ${s.q} is disabled (RESET_OWNER) but its used idx moved from ${was} to ${idx}` };
             continue;
           }
           const deadline = Date.now() + REPLY_TIMEOUT_MS;
-          for (let spin = 0; ((usedIdx(res, input, s.q) - s.n) & 0xffff) >= 0x8000; spin++) {
+          for (let spin = 0; ((usedIdx(res, input, s.q) - n) & 0xffff) >= 0x8000; spin++) {
             conn.poll();
             if (conn.eof) return closedValid(`while queue ${s.q} had requests in flight`);
             if (Date.now() > deadline) {
-              return { kind: 'fail', why: `queue ${s.q}: used idx ${usedIdx(res, input, s.q)} ${REPLY_TIMEOUT_MS} ms after ${s.n} valid requests were published and kicked (${s.name})` };
+              return { kind: 'fail', why: `queue ${s.q}: used idx ${usedIdx(res, input, s.q)} ${REPLY_TIMEOUT_MS} ms after ${n} valid requests were published and kicked (${s.name})` };
             }
             await new Promise((r) => (spin < 200 ? setImmediate(r) : setTimeout(r, 1)));
           }
           const from = ioState.checked[s.q]!;
-          const bad = checkUsed(res, input, ioState, s.q, s.n);
+          const bad = checkUsed(res, input, ioState, s.q, n);
           if (bad) return { kind: 'fail', why: bad };
-          this.checked.io += s.n - from;
+          this.checked.io += n - from;
           continue;
         }
         if (s.t === 'barrier') {
@@ -1680,15 +1686,23 @@ class SocketFuzzer {
         if (s.drain !== undefined) Resources.count(s.drain);
         if (pristine) {
           if (s.req === Req.SET_PROTOCOL_FEATURES) pristineAck = has(rd64(s.payload, 0), PF.REPLY_ACK);
+          // GET_VRING_BASE of a ring whose every published request was awaited and checked: the published count.
+          const q = s.payload.length >= 4 ? new DataView(s.payload.buffer, s.payload.byteOffset).getUint32(0, true) : -1;
+          const settled = s.checkBase && q < MANY_QUEUES && ioState.checked[q] === ioState.reqs[q]!.length && inflightOk;
           const check: Check = {
             ack0: pristineAck && (s.flags & NR) !== 0 && !GETS.has(s.req),
-            base: s.expectBase,
+            base: settled ? ioState.reqs[q]!.length : undefined,
             close: s.mustClose,
           };
           if (check.ack0 || check.base !== undefined || check.close) want.checks!.set(msgIndex, check);
           mustClose ??= s.mustClose;
         }
-        msgIndex++;
+        // Let our watcher read replies now and then: hundreds of unread acks fill the socket, and
+        // the daemon closes a connection whose reply it cannot send.
+        if (msgIndex++ % 32 === 0) {
+          if (!(await flush())) break;
+          await new Promise((r) => setImmediate(r));
+        }
         const f = frame(s.req, s.flags, s.payload, s.size);
         const cuts = [0, ...(s.split ?? []), f.length];
         let ok = true;
