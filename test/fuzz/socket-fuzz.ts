@@ -470,6 +470,9 @@ function baseSequence(rng: Rng, res: Resources, offer: Offer, index: number): In
     for (let i = 0; i < distinct; i++) {
       const r = smallRegion(res, i);
       memory.push(cmd(`ADD_MEM_REG#${i + 3}`, Req.ADD_MEM_REG, singleRegion(r.msg), [r.fd]));
+      // Read the acks now and then, as QEMU does (it waits for each): the daemon closes a connection
+      // whose replies it cannot send, and the socket holds only about 278 unread ones.
+      if (i % 64 === 63) memory.push({ t: 'barrier', name: `barrier(ADD_MEM_REG#${i + 3})` });
     }
   }
   const rings = Array.from({ length: nq }, (_, q) => ringSetup(rng, res, TWO, q, queueSize[q]!, cf, true));
@@ -1701,8 +1704,8 @@ class SocketFuzzer {
           if (check.ack0 || check.base !== undefined || check.close) want.checks!.set(msgIndex, check);
           mustClose ??= s.mustClose;
         }
-        // Let our watcher read replies now and then: hundreds of unread acks fill the socket, and
-        // the daemon closes a connection whose reply it cannot send.
+        // Let our watcher read replies now and then (a long burst of need_reply messages would
+        // otherwise be read only at its end).
         if (msgIndex++ % 32 === 0) {
           if (!(await flush())) break;
           await new Promise((r) => setImmediate(r));
