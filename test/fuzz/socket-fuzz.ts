@@ -65,8 +65,8 @@ const MANY_QUEUES = 64;
  * Which inputs are many-queue ones: a block of MANY_BLOCK consecutive indexes in every
  * MANY_PERIOD blocks, by index alone (so a replay picks the same daemon whatever --batch says).
  */
-const MANY_BLOCK = 250;
-const MANY_PERIOD = 80;
+const MANY_BLOCK = 200;
+const MANY_PERIOD = 100;
 export const isManyIndex = (index: number): boolean => Math.floor(index / MANY_BLOCK) % MANY_PERIOD === MANY_PERIOD / 2;
 /** Image size of both daemons (FuzzDaemon's default): 8192 sectors. */
 const IMAGE_SECTORS = (4 * 1024 * 1024) / 512;
@@ -436,7 +436,7 @@ function ringFeaturesFor(rng: Rng, offer: Offer): bigint {
 function baseSequence(rng: Rng, res: Resources, offer: Offer, index: number): Input {
   if (isManyIndex(index)) return manySequence(rng, res, offer);
   const steps: Step[] = [];
-  let variant: string = rng.weighted([[66, 'plain'], [10, 'late-call'], [8, 'reset-owner'], [8, 'early-kick'], [1, 'slots']] as const);
+  let variant: string = rng.weighted([[132, 'plain'], [20, 'late-call'], [16, 'reset-owner'], [16, 'early-kick'], [1, 'slots']] as const);
   // With INFLIGHT_SHMFD offered, a third of the plain sequences use it as QEMU does (GET, then SET_INFLIGHT_FD).
   const useInflight = variant === 'plain' && has(offer.protocol, PF.INFLIGHT_SHMFD) && rng.chance(0.3);
   const { pf, cf } = negotiate(rng, steps, offer, useInflight);
