@@ -56,8 +56,20 @@ import {
 } from './common.js';
 import { FuzzDaemon, summarizeLogLine } from './daemon.js';
 import { Rng } from './prng.js';
+import { MAX_MEM_SLOTS } from '../../src/limits.js';
 
 const NUM_QUEUES = 2;
+/** The variant daemon (--num-queues 64) that the many-queue inputs run against. */
+const MANY_QUEUES = 64;
+/**
+ * Which inputs are many-queue ones: a block of MANY_BLOCK consecutive indexes in every
+ * MANY_PERIOD blocks, by index alone (so a replay picks the same daemon whatever --batch says).
+ */
+const MANY_BLOCK = 200;
+const MANY_PERIOD = 100;
+export const isManyIndex = (index: number): boolean => Math.floor(index / MANY_BLOCK) % MANY_PERIOD === MANY_PERIOD / 2;
+/** Image size of both daemons (FuzzDaemon's default): 8192 sectors. */
+const IMAGE_SECTORS = (4 * 1024 * 1024) / 512;
 const REPLY_TIMEOUT_MS = 2_000;
 const NR = F_NEED_REPLY;
 const V = VERSION;
@@ -92,6 +104,8 @@ class Resources {
   readonly kick: number[] = [];
   readonly call: number[] = [];
   readonly err: number[] = [];
+  /** Call fds installed late (after the kick, after I/O, in a swap): drained before they are sent, read after. */
+  readonly late: number[] = [];
   readonly junk: NamedFd[] = [];
   readonly names = new Map<number, string>();
   readonly fileSize = new Map<number, number>();
@@ -100,6 +114,9 @@ class Resources {
   /** Region 0 as bytes and as a DataView, for rings and request buffers. */
   readonly r0: Uint8Array;
   readonly r0v: DataView;
+  /** Region 1: the many-queue layout's rings and buffers. */
+  readonly r1: Uint8Array;
+  readonly r1v: DataView;
   /** An inflight area the front-end hands over with SET_INFLIGHT_FD, mapped here to write its contents. */
   readonly inflightFd: number;
   private readonly inflightAddr: bigint;
@@ -119,13 +136,21 @@ class Resources {
     });
     this.r0 = this.mem.regions[0]!.bytes;
     this.r0v = new DataView(this.r0.buffer, this.r0.byteOffset, this.r0.byteLength);
-    for (let q = 0; q < NUM_QUEUES; q++) {
+    this.r1 = this.mem.regions[1]!.bytes;
+    this.r1v = new DataView(this.r1.buffer, this.r1.byteOffset, this.r1.byteLength);
+    for (let q = 0; q < MANY_QUEUES; q++) {
       for (const [list, name] of [[this.kick, 'kick'], [this.call, 'call'], [this.err, 'err']] as const) {
         const fd = native.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         this.own.push(fd);
         list.push(fd);
         this.names.set(fd, `${name}${q}-eventfd`);
       }
+    }
+    for (let i = 0; i < 4; i++) {
+      const fd = native.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+      this.own.push(fd);
+      this.late.push(fd);
+      this.names.set(fd, `late-call${i}-eventfd`);
     }
     this.dir = mkdtempSync(join(tmpdir(), 'vhostd-fuzz-fds-'));
     const add = (name: string, fd: number, pollable: boolean, fileSize?: number): void => {
@@ -151,6 +176,7 @@ class Resources {
     add('regular-file', file, false, 1 * MiB);
     // OUT data: anything but zeros.
     this.r0.fill(0x5a, DATA_GPA, DATA_GPA + NUM_QUEUES * 0x10000);
+    this.r1.fill(0x5a, MANY.data(0, 0), MANY.data(0, MANY.slots));
     this.inflightFd = native.memfdCreate('vhostd-fuzz-inflight', MFD_CLOEXEC);
     ftruncateSync(this.inflightFd, INFLIGHT_FILE);
     this.inflightAddr = native.mmap(this.inflightFd, INFLIGHT_FILE, 0, PROT_READ | PROT_WRITE);
@@ -161,6 +187,12 @@ class Resources {
 
   name(fd: number): string {
     return this.names.get(fd) ?? `fd${fd}`;
+  }
+
+  /** Read an eventfd's counter (0 when it is not readable). */
+  static count(fd: number): bigint {
+    const b = new BigUint64Array(1);
+    return native.read(fd, new Uint8Array(b.buffer)) === 8 ? b[0]! : 0n;
   }
 
   /** Drain the pipe so a call fd pointed at it never fills it. */
@@ -192,6 +224,61 @@ const TABLE_GPA = 0x48000;
 const DATA_GPA = 0x50000;
 const INFLIGHT_FILE = 64 * 1024;
 
+/**
+ * Where one input's rings and request buffers live: offsets in one region, with
+ * `slots` request slots per queue (header, status byte, indirect table, data), so
+ * requests in flight together never share a buffer and each status can be checked.
+ */
+interface Layout {
+  region: 0 | 1;
+  /** Guest physical address of offset 0 of the region. */
+  gpa0: number;
+  ring(q: number): number;
+  desc: number;
+  avail: number;
+  used: number;
+  /** Bytes of ring area to zero before each input. */
+  ringArea: [number, number];
+  slots: number;
+  hdr(q: number, k: number): number;
+  table(q: number, k: number): number;
+  data(q: number, k: number): number;
+}
+
+/** Two queues of up to 256 entries in region 0. */
+const TWO: Layout = {
+  region: 0,
+  gpa0: 0,
+  ring: RING_GPA,
+  desc: DESC_OFF,
+  avail: AVAIL_OFF,
+  used: USED_OFF,
+  ringArea: [RING_GPA(0), RING_GPA(NUM_QUEUES)],
+  slots: 8,
+  hdr: (q, k) => HDR_GPA + q * 0x400 + (k % 8) * 0x80,
+  table: (q, k) => TABLE_GPA + q * 0x400 + (k % 8) * 0x80,
+  data: (q, k) => DATA_GPA + q * 0x10000 + (k % 8) * 0x1000,
+};
+
+/**
+ * 64 queues of up to 64 entries in region 1 (gpa 1 MiB): 8 KiB a ring (the used ring
+ * 4 KiB after the avail ring, so no ring overlaps another), 4 request slots a queue;
+ * data buffers are shared between queues (their contents are not checked).
+ */
+const MANY: Layout = {
+  region: 1,
+  gpa0: 1 * MiB,
+  ring: (q) => q * 0x2000,
+  desc: 0,
+  avail: 0x400,
+  used: 0x1400,
+  ringArea: [0, MANY_QUEUES * 0x2000],
+  slots: 4,
+  hdr: (q, k) => 0x80000 + q * 0x200 + (k % 4) * 0x80,
+  table: (q, k) => 0x88000 + q * 0x200 + (k % 4) * 0x80,
+  data: (_q, k) => 0x90000 + (k % 4) * 0x1000,
+};
+
 // ---------------------------------------------------------------- inputs
 
 type Step =
@@ -209,14 +296,38 @@ type Step =
       /** fds per chunk when split (default: all on the first). */
       chunkFds?: number[][];
       mutated?: boolean;
+      /** Oracles, checked only while nothing before this message was mutated: */
+      /** GET_VRING_BASE must answer the ring's published count, when every request published on it was awaited. */
+      checkBase?: boolean;
+      /** The daemon must close the connection at this message (the reason it must). */
+      mustClose?: string;
+      /** Empty this (late call) eventfd just before sending. */
+      drain?: number;
     }
   | { t: 'raw'; name: string; bytes: Uint8Array; fds: number[]; mutated: true }
-  | { t: 'io'; name: string; q: number; type: number; sector: number; indirect: boolean; mutated?: boolean };
+  | { t: 'io'; name: string; q: number; type: number; sector: number; indirect: boolean; mutated?: boolean }
+  /**
+   * Unmutated so far: wait until queue q's used idx reaches n, then check the status and
+   * used length of every request it completed ('still': the ring must not have moved, n is
+   * what it showed before).
+   */
+  | { t: 'await'; name: string; q: number; n: number; still?: boolean; mutated?: boolean }
+  /**
+   * Unmutated so far: a GET_QUEUE_NUM, waited for, so everything before it is processed;
+   * then `lateFd`, a call fd installed since, must be readable with a count >= 1.
+   */
+  | { t: 'barrier'; name: string; lateFd?: number; mutated?: boolean };
 
 type MsgStep = Extract<Step, { t: 'msg' }>;
 
 interface Input {
   steps: Step[];
+  /** Ring placement; 'many' inputs run on the 64-queue daemon. */
+  layout: Layout;
+  /** Queues the daemon serves (what GET_QUEUE_NUM must answer). */
+  numQueues: number;
+  /** The valid variation the sequence follows. */
+  variant: string;
   /** Wait for each reply of the unmutated prefix (like QEMU), or send everything at once. */
   sync: boolean;
   /** Send consecutive messages in one write where possible. */
@@ -244,27 +355,96 @@ function msg(name: string, req: number, flags: number, payload: Uint8Array = new
   return { t: 'msg', name, req, flags, payload, fds };
 }
 
-/** The QEMU 7.2 sequence for vhost-user-blk, with random but valid variations. */
-function baseSequence(rng: Rng, res: Resources, offer: Offer): Input {
-  const steps: Step[] = [];
-  // With INFLIGHT_SHMFD offered, a third of the sequences use it as QEMU does (GET, then SET_INFLIGHT_FD).
-  const useInflight = has(offer.protocol, PF.INFLIGHT_SHMFD) && rng.chance(0.3);
+/** Requests per queue so far, in a sequence whose I/O is checked. */
+type IoCounts = number[];
+
+/** One blk request on queue q (none once the queue's request slots are all used). */
+function pushIo(steps: Step[], rng: Rng, cnt: IoCounts, q: number, features: bigint, layout: Layout): void {
+  if (cnt[q]! >= layout.slots) return;
+  const type = rng.pick([T.OUT, T.IN, T.FLUSH, T.GET_ID, T.OUT, T.IN]);
+  const sector = rng.chance(0.9) ? rng.int(IMAGE_SECTORS - 7) : rng.pick([IMAGE_SECTORS - 7, IMAGE_SECTORS, 2 ** 40]);
+  steps.push({ t: 'io', name: `io(${type})`, q, type, sector, indirect: has(features, VF.INDIRECT_DESC) && rng.chance(0.3) });
+  cnt[q]!++;
+}
+
+/** Wait for every request sent so far (the daemon must complete each with the right status). */
+function pushAwaits(steps: Step[], cnt: IoCounts): void {
+  cnt.forEach((n, q) => {
+    if (n) steps.push({ t: 'await', name: `await(${q},${n})`, q, n });
+  });
+}
+
+/** A late call fd for queue q (drained before it is sent), and the check that it was signalled at once. */
+function pushLateCall(steps: Step[], cf: number, q: number, fd: number): void {
+  steps.push({ ...msg(`SET_VRING_CALL(${q},late)`, Req.SET_VRING_CALL, cf, u64(q), [fd]), drain: fd });
+  steps.push({ t: 'barrier', name: `barrier(call fd of ${q} signalled)`, lateFd: fd });
+}
+
+/** QEMU's stop order; GET_VRING_BASE must return the published avail index when all I/O was awaited. */
+function pushStop(steps: Step[], nq: number, features: bigint, flags: number, cnt: IoCounts | undefined): void {
+  if (has(features, VF.PROTOCOL_FEATURES)) {
+    for (let q = 0; q < nq; q++) steps.push(msg(`SET_VRING_ENABLE(${q},0)`, Req.SET_VRING_ENABLE, flags, vringState(q, 0)));
+  }
+  for (let q = 0; q < nq; q++) steps.push({ ...msg(`GET_VRING_BASE(${q})`, Req.GET_VRING_BASE, V, vringState(q, 0)), checkBase: cnt !== undefined });
+}
+
+/** NUM, BASE, ADDR, (ERR), KICK, CALL for queue q of `layout`. */
+function ringSetup(rng: Rng, res: Resources, layout: Layout, q: number, size: number, flags: number, err: boolean): Record<'num' | 'base' | 'addr' | 'kick' | 'call', MsgStep> & { err?: MsgStep } {
+  const uva = res.regions[layout.region]!.msg.userspaceAddr + BigInt(layout.ring(q));
+  return {
+    num: msg(`SET_VRING_NUM(${q})`, Req.SET_VRING_NUM, flags, vringState(q, size)),
+    base: msg(`SET_VRING_BASE(${q})`, Req.SET_VRING_BASE, flags, vringState(q, 0)),
+    addr: msg(`SET_VRING_ADDR(${q})`, Req.SET_VRING_ADDR, flags, vringAddr({ index: q, desc: uva + BigInt(layout.desc), avail: uva + BigInt(layout.avail), used: uva + BigInt(layout.used) })),
+    err: err && rng.chance(0.3) ? msg(`SET_VRING_ERR(${q})`, Req.SET_VRING_ERR, flags, u64(q), [res.err[q]!]) : undefined,
+    kick: msg(`SET_VRING_KICK(${q})`, Req.SET_VRING_KICK, flags, u64(q), [res.kick[q]!]),
+    call: msg(`SET_VRING_CALL(${q})`, Req.SET_VRING_CALL, flags, u64(q), [res.call[q]!]),
+  };
+}
+
+/** A 4 KiB region of the small memfd for slot-filling ADD_MEM_REG (distinct gpa and front-end address for each i). */
+function smallRegion(res: Resources, i: number): RegionInfo {
+  const fd = res.junk.find((j) => j.name === 'small-memfd')!.fd;
+  return { msg: { guestPhysAddr: (64n << 30n) + BigInt(i) * 4096n, memorySize: 4096n, userspaceAddr: (1n << 44n) + BigInt(i) * 4096n, mmapOffset: 0n }, fd };
+}
+
+/** Negotiation as QEMU 7.2 does it; returns the protocol features acked and the message flags for commands. */
+function negotiate(rng: Rng, steps: Step[], offer: Offer, useInflight: boolean): { pf: bigint; cf: number } {
   const pf = offer.protocol & (DRIVER_PROTOCOL | (useInflight ? bit(PF.INFLIGHT_SHMFD) : 0n)) & (rng.chance(0.8) ? ~0n : ~bit(PF.REPLY_ACK));
-  const replyAck = has(pf, PF.REPLY_ACK);
-  const cf = replyAck ? V | NR : V;
-  const cmd = (name: string, req: number, payload?: Uint8Array, fds?: number[]): MsgStep => msg(name, req, cf, payload, fds);
+  const cf = has(pf, PF.REPLY_ACK) ? V | NR : V;
   steps.push(msg('GET_FEATURES', Req.GET_FEATURES, V));
   steps.push(msg('GET_PROTOCOL_FEATURES', Req.GET_PROTOCOL_FEATURES, V));
   steps.push(msg('SET_PROTOCOL_FEATURES', Req.SET_PROTOCOL_FEATURES, V, u64(pf)));
   steps.push(msg('GET_QUEUE_NUM', Req.GET_QUEUE_NUM, V));
-  steps.push(cmd('SET_OWNER', Req.SET_OWNER));
+  steps.push(msg('SET_OWNER', Req.SET_OWNER, cf));
   if (has(pf, PF.CONFIG)) steps.push(msg('GET_CONFIG', Req.GET_CONFIG, V, configMsg(0, 57, 0)));
-  const viaAdd = has(pf, PF.CONFIGURE_MEM_SLOTS) && rng.chance(0.3);
-  if (viaAdd) steps.push(msg('GET_MAX_MEM_SLOTS', Req.GET_MAX_MEM_SLOTS, V));
+  return { pf, cf };
+}
+
+function ringFeaturesFor(rng: Rng, offer: Offer): bigint {
   let features = offer.features & DRIVER_FEATURES;
   if (rng.chance(0.2)) features &= ~bit(VF.EVENT_IDX);
   if (rng.chance(0.1)) features &= ~bit(VF.INDIRECT_DESC);
   if (rng.chance(0.1)) features &= ~bit(VF.PROTOCOL_FEATURES); // rings enabled at once
+  return features;
+}
+
+/**
+ * The QEMU 7.2 sequence for vhost-user-blk, with random but valid variations. Besides the
+ * plain one (I/O sent and not waited for), checked variants wait for their I/O and check it:
+ * late call fds, RESET_OWNER mid-session, kick fds before the ring or memory, 509 slots.
+ */
+function baseSequence(rng: Rng, res: Resources, offer: Offer, index: number): Input {
+  if (isManyIndex(index)) return manySequence(rng, res, offer);
+  const steps: Step[] = [];
+  let variant: string = rng.weighted([[132, 'plain'], [20, 'late-call'], [16, 'reset-owner'], [16, 'early-kick'], [1, 'slots']] as const);
+  // With INFLIGHT_SHMFD offered, a third of the plain sequences use it as QEMU does (GET, then SET_INFLIGHT_FD).
+  const useInflight = variant === 'plain' && has(offer.protocol, PF.INFLIGHT_SHMFD) && rng.chance(0.3);
+  const { pf, cf } = negotiate(rng, steps, offer, useInflight);
+  if (variant === 'slots' && !has(pf, PF.CONFIGURE_MEM_SLOTS)) variant = 'plain';
+  const cmd = (name: string, req: number, payload?: Uint8Array, fds?: number[]): MsgStep => msg(name, req, cf, payload, fds);
+  const viaAdd = variant === 'slots' || (has(pf, PF.CONFIGURE_MEM_SLOTS) && rng.chance(0.3));
+  if (viaAdd) steps.push(msg('GET_MAX_MEM_SLOTS', Req.GET_MAX_MEM_SLOTS, V));
+  const features = ringFeaturesFor(rng, offer);
   steps.push(cmd('SET_FEATURES', Req.SET_FEATURES, u64(features)));
   const nq = rng.chance(0.7) ? 2 : 1;
   const queueSize = Array.from({ length: nq }, () => rng.pick([64, 128, 256]));
@@ -278,46 +458,185 @@ function baseSequence(rng: Rng, res: Resources, offer: Offer): Input {
     steps.push(cmd('SET_INFLIGHT_FD', Req.SET_INFLIGHT_FD, inflightMsg({ ...area, mmapSize: need }), [res.inflightFd]));
     inflight = { mode: rng.weighted([[5, 'zero'], [3, 'plausible'], [2, 'random']] as const), seed: rng.u32(), queues, capacity };
   }
-  const regions = res.regions.filter(() => true);
+  const memory: Step[] = [];
   if (viaAdd) {
-    for (const r of regions) steps.push(cmd('ADD_MEM_REG', Req.ADD_MEM_REG, singleRegion(r.msg), [r.fd]));
+    for (const r of res.regions) memory.push(cmd('ADD_MEM_REG', Req.ADD_MEM_REG, singleRegion(r.msg), [r.fd]));
   } else {
-    steps.push(cmd('SET_MEM_TABLE', Req.SET_MEM_TABLE, memTable(regions.map((r) => r.msg)), regions.map((r) => r.fd)));
+    memory.push(cmd('SET_MEM_TABLE', Req.SET_MEM_TABLE, memTable(res.regions.map((r) => r.msg)), res.regions.map((r) => r.fd)));
   }
-  const uva0 = res.regions[0]!.msg.userspaceAddr;
-  for (let q = 0; q < nq; q++) {
-    const size = queueSize[q]!;
-    const base = BigInt(RING_GPA(q));
-    steps.push(cmd(`SET_VRING_NUM(${q})`, Req.SET_VRING_NUM, vringState(q, size)));
-    steps.push(cmd(`SET_VRING_BASE(${q})`, Req.SET_VRING_BASE, vringState(q, 0)));
-    steps.push(
-      cmd(`SET_VRING_ADDR(${q})`, Req.SET_VRING_ADDR, vringAddr({
-        index: q,
-        desc: uva0 + base + BigInt(DESC_OFF),
-        avail: uva0 + base + BigInt(AVAIL_OFF),
-        used: uva0 + base + BigInt(USED_OFF),
-      })),
-    );
-    if (rng.chance(0.3)) steps.push(cmd(`SET_VRING_ERR(${q})`, Req.SET_VRING_ERR, u64(q), [res.err[q]!]));
-    steps.push(cmd(`SET_VRING_KICK(${q})`, Req.SET_VRING_KICK, u64(q), [res.kick[q]!]));
-    steps.push(cmd(`SET_VRING_CALL(${q})`, Req.SET_VRING_CALL, u64(q), [res.call[q]!]));
-  }
-  if (has(features, VF.PROTOCOL_FEATURES)) {
-    for (let q = 0; q < nq; q++) steps.push(cmd(`SET_VRING_ENABLE(${q},1)`, Req.SET_VRING_ENABLE, vringState(q, 1)));
-  }
-  const nio = rng.int(4);
-  for (let i = 0; i < nio; i++) {
-    const type = rng.pick([T.OUT, T.IN, T.FLUSH, T.GET_ID, T.OUT, T.IN]);
-    const sector = rng.chance(0.9) ? rng.int(8000) : rng.pick([8184, 8192, 2 ** 40]);
-    steps.push({ t: 'io', name: `io(${type})`, q: rng.int(nq), type, sector, indirect: has(features, VF.INDIRECT_DESC) && rng.chance(0.3) });
-  }
-  if (rng.chance(0.6)) {
-    if (has(features, VF.PROTOCOL_FEATURES)) {
-      for (let q = 0; q < nq; q++) steps.push(cmd(`SET_VRING_ENABLE(${q},0)`, Req.SET_VRING_ENABLE, vringState(q, 0)));
+  // Slots: fill all of them with distinct regions before the rings start (QEMU's order; no quiesce per region).
+  const distinct = MAX_MEM_SLOTS - res.regions.length;
+  if (variant === 'slots') {
+    for (let i = 0; i < distinct; i++) {
+      const r = smallRegion(res, i);
+      memory.push(cmd(`ADD_MEM_REG#${i + 3}`, Req.ADD_MEM_REG, singleRegion(r.msg), [r.fd]));
+      // Read the acks now and then, as QEMU does (it waits for each): the daemon closes a connection
+      // whose replies it cannot send, and the socket holds only about 278 unread ones.
+      if (i % 64 === 63) memory.push({ t: 'barrier', name: `barrier(ADD_MEM_REG#${i + 3})` });
     }
-    for (let q = 0; q < nq; q++) steps.push(msg(`GET_VRING_BASE(${q})`, Req.GET_VRING_BASE, V, vringState(q, 0)));
   }
-  return { steps, sync: rng.chance(0.05), coalesce: rng.chance(0.8), end: 'probe', queueSize, inflight, tags: new Set(), mutations: [] };
+  const rings = Array.from({ length: nq }, (_, q) => ringSetup(rng, res, TWO, q, queueSize[q]!, cf, true));
+  const enable: Step[] = [];
+  if (has(features, VF.PROTOCOL_FEATURES)) {
+    for (let q = 0; q < nq; q++) enable.push(cmd(`SET_VRING_ENABLE(${q},1)`, Req.SET_VRING_ENABLE, vringState(q, 1)));
+  }
+  const cnt: IoCounts = [0, 0];
+  const someIo = (n: number, q?: number): void => {
+    for (let i = 0; i < n; i++) pushIo(steps, rng, cnt, q ?? rng.int(nq), features, TWO);
+  };
+  const stop = (p: number): void => {
+    if (rng.chance(p)) pushStop(steps, nq, features, cf, cnt);
+  };
+  const ordered = (r: (typeof rings)[number]): Step[] => [r.num, r.base, r.addr, ...(r.err ? [r.err] : []), r.kick, r.call];
+
+  if (variant === 'early-kick') {
+    // Kick fds before NUM/ADDR, or the whole ring (and its enable) before any memory: each ring starts once complete.
+    const mode = rng.pick(['kick-first', 'before-memory', 'shuffled']);
+    const memFirst = mode === 'kick-first' || (mode === 'shuffled' && rng.chance(0.5));
+    if (memFirst) steps.push(...memory);
+    for (const r of rings) {
+      if (mode === 'kick-first') steps.push(r.kick, r.call, r.num, r.base, r.addr);
+      else if (mode === 'before-memory') steps.push(...ordered(r));
+      else {
+        // Any order, except that SET_VRING_BASE must come before the ring is complete (a running ring refuses it).
+        const perm = rng.shuffle([r.kick, r.call, r.num, r.addr]);
+        const last = memFirst ? Math.max(perm.indexOf(r.kick), perm.indexOf(r.num), perm.indexOf(r.addr)) : perm.length;
+        perm.splice(rng.int(last + 1), 0, r.base);
+        steps.push(...perm);
+      }
+    }
+    steps.push(...enable);
+    if (!memFirst) steps.push(...memory);
+    variant += `/${mode}`;
+    someIo(rng.range(1, 4));
+    pushAwaits(steps, cnt);
+    stop(0.6);
+  } else if (variant === 'late-call') {
+    // A queue whose call fd comes late (after the kick, after I/O completed, swapped while
+    // I/O is in flight, to the no-fd flag and back): each new fd must be signalled at once.
+    const q = rng.int(nq);
+    const noCall = rng.chance(0.5);
+    steps.push(...memory);
+    for (const r of rings) steps.push(...ordered(r).filter((s) => !(noCall && s === rings[q]!.call)));
+    steps.push(...enable);
+    const late = rng.shuffle([...res.late]);
+    let swaps = 0;
+    const acts = rng.range(2, 5);
+    for (let i = 0; i < acts || !swaps; i++) {
+      const act = swaps === late.length ? 'io' : rng.weighted([[3, 'io'], [2, 'await'], [3, 'swap'], [1, 'nofd']] as const);
+      if (act === 'io') someIo(rng.range(1, 2), q);
+      else if (act === 'await') pushAwaits(steps, cnt);
+      else if (act === 'swap') pushLateCall(steps, cf, q, late[swaps++]!);
+      else steps.push(cmd(`SET_VRING_CALL(${q},nofd)`, Req.SET_VRING_CALL, u64(q | VRING_NOFD)));
+    }
+    pushAwaits(steps, cnt);
+    if (rng.chance(0.6)) {
+      pushStop(steps, nq, features, cf, cnt);
+      // A call fd for a stopped ring hears once too.
+      if (swaps < late.length && rng.chance(0.4)) pushLateCall(steps, cf, q, late[swaps++]!);
+    }
+    variant += noCall ? '/no-call-at-start' : '';
+  } else if (variant === 'reset-owner') {
+    // RESET_OWNER only disables the rings: SET_VRING_ENABLE(1) resumes them, no memory table or ring messages needed.
+    steps.push(...memory);
+    for (const r of rings) steps.push(...ordered(r));
+    steps.push(...enable);
+    someIo(rng.range(1, 3));
+    pushAwaits(steps, cnt);
+    steps.push(cmd('RESET_OWNER', Req.RESET_OWNER));
+    steps.push({ t: 'barrier', name: 'barrier(RESET_OWNER)' });
+    if (rng.chance(0.6)) {
+      // Requests sent to a disabled ring stay in it.
+      const before = [...cnt];
+      const q = rng.int(nq);
+      someIo(rng.range(1, 2), q);
+      steps.push({ t: 'barrier', name: 'barrier(I/O on a disabled ring)' });
+      steps.push({ t: 'await', name: `still(${q},${before[q]})`, q, n: before[q]!, still: true });
+    }
+    for (let q = 0; q < nq; q++) steps.push(cmd(`SET_VRING_ENABLE(${q},1)`, Req.SET_VRING_ENABLE, vringState(q, 1)));
+    someIo(rng.range(1, 3));
+    pushAwaits(steps, cnt);
+    stop(0.6);
+  } else if (variant === 'slots') {
+    // 509 slots in use; a region identical to a mapped one only counts a reference (accepted even when full),
+    // REM_MEM_REG drops one reference; a 510th distinct region closes the connection.
+    steps.push(...memory);
+    for (const r of rings) steps.push(...ordered(r));
+    steps.push(...enable);
+    someIo(rng.range(1, 2));
+    pushAwaits(steps, cnt);
+    const dup = rng.chance(0.3) ? res.regions[rng.int(3)]! : smallRegion(res, rng.int(distinct));
+    steps.push(cmd('ADD_MEM_REG(duplicate, slots full)', Req.ADD_MEM_REG, singleRegion(dup.msg), [dup.fd]));
+    someIo(rng.range(1, 2));
+    pushAwaits(steps, cnt);
+    const ending = rng.pick(['refuse', 'dup-rem-refuse', 'rem-add']);
+    const extra = smallRegion(res, distinct);
+    if (ending === 'dup-rem-refuse') {
+      steps.push(cmd('REM_MEM_REG(the duplicate: one reference left)', Req.REM_MEM_REG, singleRegion(dup.msg), [dup.fd]));
+      someIo(1);
+      pushAwaits(steps, cnt);
+    }
+    if (ending === 'rem-add') {
+      let j = rng.int(distinct);
+      if (smallRegion(res, j).msg.guestPhysAddr === dup.msg.guestPhysAddr) j = (j + 1) % distinct;
+      const r = smallRegion(res, j);
+      steps.push(cmd('REM_MEM_REG(a slot freed)', Req.REM_MEM_REG, singleRegion(r.msg), [r.fd]));
+      steps.push(cmd('ADD_MEM_REG(into the freed slot)', Req.ADD_MEM_REG, singleRegion(extra.msg), [extra.fd]));
+      someIo(1);
+      pushAwaits(steps, cnt);
+      stop(0.6);
+    } else {
+      steps.push({ ...cmd('ADD_MEM_REG(510th distinct)', Req.ADD_MEM_REG, singleRegion(extra.msg), [extra.fd]), mustClose: `a ${MAX_MEM_SLOTS + 1}th distinct region with all ${MAX_MEM_SLOTS} slots in use` });
+    }
+    variant += `/${ending}`;
+  } else {
+    steps.push(...memory);
+    for (const r of rings) steps.push(...ordered(r));
+    steps.push(...enable);
+    const nio = rng.int(4);
+    for (let i = 0; i < nio; i++) {
+      const type = rng.pick([T.OUT, T.IN, T.FLUSH, T.GET_ID, T.OUT, T.IN]);
+      const sector = rng.chance(0.9) ? rng.int(8000) : rng.pick([8184, 8192, 2 ** 40]);
+      steps.push({ t: 'io', name: `io(${type})`, q: rng.int(nq), type, sector, indirect: has(features, VF.INDIRECT_DESC) && rng.chance(0.3) });
+    }
+    if (rng.chance(0.6)) pushStop(steps, nq, features, cf, undefined);
+  }
+  return { steps, layout: TWO, numQueues: NUM_QUEUES, variant, sync: rng.chance(0.05), coalesce: rng.chance(0.8), end: 'probe', queueSize, inflight, tags: new Set(), mutations: [] };
+}
+
+/**
+ * 64 queues on the 64-queue daemon, set up in one pipelined burst without need_reply
+ * (NUM/BASE/ADDR/KICK/CALL/ENABLE for each), I/O on random queues, sometimes a late call
+ * fd, and the stop order.
+ */
+function manySequence(rng: Rng, res: Resources, offer: Offer): Input {
+  const steps: Step[] = [];
+  const { cf } = negotiate(rng, steps, offer, false);
+  const features = ringFeaturesFor(rng, offer);
+  steps.push(msg('SET_FEATURES', Req.SET_FEATURES, cf, u64(features)));
+  steps.push(msg('SET_MEM_TABLE', Req.SET_MEM_TABLE, cf, memTable(res.regions.map((r) => r.msg)), res.regions.map((r) => r.fd)));
+  const queueSize = Array.from({ length: MANY_QUEUES }, () => rng.pick([16, 32, 64]));
+  const rings = queueSize.map((size, q) => ringSetup(rng, res, MANY, q, size, V, false));
+  const pf = has(features, VF.PROTOCOL_FEATURES);
+  const en = (q: number): MsgStep => msg(`SET_VRING_ENABLE(${q},1)`, Req.SET_VRING_ENABLE, V, vringState(q, 1));
+  const order = rng.pick(['qemu', 'interleaved', 'by-kind']);
+  if (order === 'by-kind') {
+    for (const k of ['num', 'base', 'addr', 'kick', 'call'] as const) for (const r of rings) steps.push(r[k]);
+    if (pf) for (let q = 0; q < MANY_QUEUES; q++) steps.push(en(q));
+  } else {
+    for (const [q, r] of rings.entries()) {
+      steps.push(r.num, r.base, r.addr, r.kick, r.call);
+      if (pf && order === 'interleaved') steps.push(en(q));
+    }
+    if (pf && order === 'qemu') for (let q = 0; q < MANY_QUEUES; q++) steps.push(en(q));
+  }
+  const cnt: IoCounts = new Array<number>(MANY_QUEUES).fill(0);
+  const nio = rng.range(4, 16);
+  for (let i = 0; i < nio; i++) pushIo(steps, rng, cnt, rng.chance(0.2) ? rng.pick([0, MANY_QUEUES - 1]) : rng.int(MANY_QUEUES), features, MANY);
+  if (rng.chance(0.2)) pushLateCall(steps, cf, rng.int(MANY_QUEUES), rng.pick(res.late));
+  pushAwaits(steps, cnt);
+  if (rng.chance(0.7)) pushStop(steps, MANY_QUEUES, features, V, cnt);
+  return { steps, layout: MANY, numQueues: MANY_QUEUES, variant: `many/${order}`, sync: false, coalesce: true, end: 'probe', queueSize, tags: new Set(), mutations: [] };
 }
 
 // ---------------------------------------------------------------- mutations
@@ -351,7 +670,7 @@ function anyFd(c: MutCtx): number {
   return rng.weighted([
     [4, () => rng.pick(res.junk).fd],
     [1, () => rng.pick(res.regions).fd],
-    [1, () => rng.pick([...res.kick, ...res.call, ...res.err])],
+    [1, () => rng.pick([...res.kick.slice(0, 2), ...res.call.slice(0, 2), ...res.err.slice(0, 2)])],
   ])();
 }
 
@@ -513,7 +832,7 @@ function mutateFields(c: MutCtx, s: MsgStep): void {
     case Req.SET_VRING_ERR: {
       const cur = rd64(p, 0);
       const kind = rng.pick(['index', 'nofd+fd', 'nofd', 'nofd-only', 'bits', 'junk', 'junk', 'two', 'none']);
-      if (kind === 'index') s.payload = u64((cur & ~0xffn) | BigInt(rng.pick([2, 3, 7, 255])));
+      if (kind === 'index') s.payload = u64((cur & ~0xffn) | BigInt(rng.pick([2, 3, 7, 63, 64, 255])));
       else if (kind === 'nofd+fd') s.payload = u64(cur | BigInt(VRING_NOFD));
       else if (kind === 'nofd' || kind === 'nofd-only') {
         s.payload = u64(cur | BigInt(VRING_NOFD));
@@ -679,6 +998,9 @@ const MUTATIONS: [number, string, Mutation][] = [
     const i = c.rng.range(1, n - 1);
     const [s] = c.input.steps.splice(i, 1);
     s!.mutated = true;
+    // What follows the gap no longer follows a valid prefix either.
+    const next = c.input.steps[i];
+    if (next) next.mutated = true;
     c.input.steps.splice(c.rng.range(1, n - 1), 0, s!);
     return true;
   }],
@@ -757,7 +1079,7 @@ const MUTATIONS: [number, string, Mutation][] = [
   }],
   [2, 'restart-ring', (c) => {
     const { rng, res } = c;
-    const q = rng.int(NUM_QUEUES);
+    const q = rng.int(c.input.numQueues);
     const at = rng.int(c.input.steps.length + 1);
     const s1 = msg(`GET_VRING_BASE(${q})`, Req.GET_VRING_BASE, V, vringState(q, 0));
     const s2 = msg(`SET_VRING_KICK(${q})`, Req.SET_VRING_KICK, V | NR, u64(rng.chance(0.3) ? q | VRING_NOFD : q), []);
@@ -809,7 +1131,7 @@ function mutate(c: MutCtx): void {
 
 export function generate(seed: number, index: number, res: Resources, offer: Offer, avoid: Set<string>): Input {
   const rng = new Rng(seed, index);
-  const input = baseSequence(rng, res, offer);
+  const input = baseSequence(rng, res, offer, index);
   mutate({ rng, res, offer, avoid, input });
   classify(res, input, avoid);
   return input;
@@ -908,8 +1230,25 @@ function parseStream(chunks: { bytes: Uint8Array; fds: number }[]): Parsed {
 
 const replyable = (m: Eff): boolean => GETS.has(m.request) || (m.flags & NR) !== 0;
 
+/** What the reply to the message at a stream index must say (set only for messages sent before any mutation). */
+interface Check {
+  /** A REPLY_ACK for a valid request: 0. */
+  ack0?: boolean;
+  /** GET_VRING_BASE of queue baseQ: this index. */
+  base?: number;
+  baseQ?: number;
+  /** Must not be answered at all: the daemon closes (why). */
+  close?: string;
+}
+
+interface Expect {
+  /** Queues the daemon has (GET_QUEUE_NUM). */
+  numQueues: number;
+  checks?: Map<number, Check>;
+}
+
 /** Map replies to the messages they answer; returns the index answered by each reply, or an error. */
-function matchReplies(msgs: Eff[], replies: Reply[], offer: Offer): { answered: number[]; error?: string } {
+function matchReplies(msgs: Eff[], replies: Reply[], offer: Offer, want: Expect = { numQueues: NUM_QUEUES }): { answered: number[]; error?: string } {
   const answered: number[] = [];
   let j = 0;
   for (const [i, r] of replies.entries()) {
@@ -921,7 +1260,15 @@ function matchReplies(msgs: Eff[], replies: Reply[], offer: Offer): { answered: 
     while (k < msgs.length && !(msgs[k]!.request === r.request && replyable(msgs[k]!))) k++;
     if (k === msgs.length) return { answered, error: `${what}: answers no message sent (request code does not match any outstanding request)` };
     const m = msgs[k]!;
+    const check = want.checks?.get(k);
     const dv = new DataView(r.payload.buffer, r.payload.byteOffset, r.payload.byteLength);
+    if (check?.close) return { answered, error: `${what}: answers message #${k}, which must close the connection instead (${check.close})` };
+    if (r.size === 8 && !GETS.has(r.request) && check?.ack0 && dv.getBigUint64(0, true) !== 0n) {
+      return { answered, error: `${what}: REPLY_ACK ${dv.getBigUint64(0, true)} (failure) for the valid message #${k}` };
+    }
+    if (r.request === Req.GET_VRING_BASE && r.size === 8 && check?.base !== undefined && dv.getUint32(4, true) !== check.base) {
+      return { answered, error: `${what}: GET_VRING_BASE answers ${dv.getUint32(4, true)}; every one of the ${check.base} requests sent was completed, so the next avail index is ${check.base}` };
+    }
     const mv = new DataView(m.payload.buffer, m.payload.byteOffset, m.payload.byteLength);
     if (r.request === Req.GET_CONFIG) {
       if (r.size !== 0) {
@@ -940,7 +1287,9 @@ function matchReplies(msgs: Eff[], replies: Reply[], offer: Offer): { answered: 
       return { answered, error: `${what}: features 0x${dv.getBigUint64(0, true).toString(16)} differ from the offer` };
     } else if (r.request === Req.GET_PROTOCOL_FEATURES && dv.getBigUint64(0, true) !== offer.protocol) {
       return { answered, error: `${what}: protocol features differ from the offer` };
-    } else if (r.request === Req.GET_QUEUE_NUM && dv.getBigUint64(0, true) !== BigInt(NUM_QUEUES)) {
+    } else if (r.request === Req.GET_MAX_MEM_SLOTS && dv.getBigUint64(0, true) !== BigInt(MAX_MEM_SLOTS)) {
+      return { answered, error: `${what}: ${dv.getBigUint64(0, true)} memory slots, documented ${MAX_MEM_SLOTS}` };
+    } else if (r.request === Req.GET_QUEUE_NUM && dv.getBigUint64(0, true) !== BigInt(want.numQueues)) {
       return { answered, error: `${what}: queue count ${dv.getBigUint64(0, true)}` };
     }
     answered.push(k);
@@ -953,24 +1302,58 @@ function matchReplies(msgs: Eff[], replies: Reply[], offer: Offer): { answered: 
 
 const ONE = new BigUint64Array([1n]);
 
-/** Put one blk request in a ring of region 0 and kick. */
-function doIo(res: Resources, input: Input, st: { avail: number[]; slot: number[] }, s: Extract<Step, { t: 'io' }>): void {
+/** One request sent in this input: where its status byte is and what it must say. */
+interface SentReq {
+  head: number;
+  type: number;
+  sector: number;
+  status: number;
+  /** Request number on its queue (its slot is k % layout.slots). */
+  k: number;
+  done: boolean;
+}
+
+/** Per-input ring state on the fuzzer's side. */
+interface IoState {
+  avail: number[];
+  slot: number[];
+  reqs: SentReq[][];
+  /** Used entries already checked, per queue. */
+  checked: number[];
+}
+
+const newIoState = (): IoState => ({
+  avail: new Array<number>(MANY_QUEUES).fill(0),
+  slot: new Array<number>(MANY_QUEUES).fill(0),
+  reqs: Array.from({ length: MANY_QUEUES }, () => []),
+  checked: new Array<number>(MANY_QUEUES).fill(0),
+});
+
+function regionView(res: Resources, L: Layout): { bytes: Uint8Array; v: DataView } {
+  return L.region ? { bytes: res.r1, v: res.r1v } : { bytes: res.r0, v: res.r0v };
+}
+
+/** Put one blk request in a ring of the input's layout and kick. */
+function doIo(res: Resources, input: Input, st: IoState, s: Extract<Step, { t: 'io' }>): void {
   const q = s.q;
+  const L = input.layout;
   const size = input.queueSize[q] ?? 128;
-  const v = res.r0v;
-  const ring = RING_GPA(q);
-  const hdr = HDR_GPA + q * 0x100;
-  const status = hdr + 0x80;
-  const data = DATA_GPA + q * 0x10000;
+  const { bytes, v } = regionView(res, L);
+  const g = L.gpa0;
+  const ring = L.ring(q);
+  const k = st.reqs[q]!.length;
+  const hdr = L.hdr(q, k);
+  const status = hdr + 0x40;
+  const data = L.data(q, k);
   v.setUint32(hdr, s.type, true);
   v.setUint32(hdr + 4, 0, true);
   v.setBigUint64(hdr + 8, BigInt(s.sector), true);
-  res.r0[status] = 0xa5;
-  const bufs: [number, number, number][] = [[hdr, 16, 0]];
-  if (s.type === T.OUT) bufs.push([data, 4096, 0]);
-  if (s.type === T.IN) bufs.push([data, 4096, DESC_F_WRITE]);
-  if (s.type === T.GET_ID) bufs.push([data, 20, DESC_F_WRITE]);
-  bufs.push([status, 1, DESC_F_WRITE]);
+  bytes[status] = 0xa5;
+  const bufs: [number, number, number][] = [[g + hdr, 16, 0]];
+  if (s.type === T.OUT) bufs.push([g + data, 4096, 0]);
+  if (s.type === T.IN) bufs.push([g + data, 4096, DESC_F_WRITE]);
+  if (s.type === T.GET_ID) bufs.push([g + data, 20, DESC_F_WRITE]);
+  bufs.push([g + status, 1, DESC_F_WRITE]);
   const put = (base: number, i: number, addr: number, len: number, flags: number, next: number): void => {
     v.setBigUint64(base + i * 16, BigInt(addr), true);
     v.setUint32(base + i * 16 + 8, len, true);
@@ -979,20 +1362,65 @@ function doIo(res: Resources, input: Input, st: { avail: number[]; slot: number[
   };
   let head: number;
   if (s.indirect) {
-    const table = TABLE_GPA + q * 0x100;
+    const table = L.table(q, k);
     bufs.forEach(([a, l, f], i) => put(table, i, a, l, f | (i < bufs.length - 1 ? DESC_F_NEXT : 0), i + 1));
     head = st.slot[q]! % size;
     st.slot[q]! += 1;
-    put(ring + DESC_OFF, head, table, 16 * bufs.length, DESC_F_INDIRECT, 0);
+    put(ring + L.desc, head, g + table, 16 * bufs.length, DESC_F_INDIRECT, 0);
   } else {
     const ids = bufs.map(() => st.slot[q]!++ % size);
-    bufs.forEach(([a, l, f], i) => put(ring + DESC_OFF, ids[i]!, a, l, f | (i < bufs.length - 1 ? DESC_F_NEXT : 0), ids[i + 1] ?? 0));
+    bufs.forEach(([a, l, f], i) => put(ring + L.desc, ids[i]!, a, l, f | (i < bufs.length - 1 ? DESC_F_NEXT : 0), ids[i + 1] ?? 0));
     head = ids[0]!;
   }
-  v.setUint16(ring + AVAIL_OFF + 4 + 2 * (st.avail[q]! % size), head, true);
+  st.reqs[q]!.push({ head, type: s.type, sector: s.sector, status, k, done: false });
+  v.setUint16(ring + L.avail + 4 + 2 * (st.avail[q]! % size), head, true);
   st.avail[q] = (st.avail[q]! + 1) & 0xffff;
-  v.setUint16(ring + AVAIL_OFF + 2, st.avail[q]!, true);
+  v.setUint16(ring + L.avail + 2, st.avail[q]!, true);
   native.write(res.kick[q]!, ONE);
+}
+
+/** used->idx of queue q. */
+function usedIdx(res: Resources, input: Input, q: number): number {
+  const L = input.layout;
+  return regionView(res, L).v.getUint16(L.ring(q) + L.used + 2, true);
+}
+
+/** Status and used length a request of ours must complete with (the image has IMAGE_SECTORS sectors). */
+function expected(r: SentReq): { status: number; len?: number } {
+  if (r.type === T.IN || r.type === T.OUT) {
+    if (r.sector + 8 > IMAGE_SECTORS) return { status: 1 };
+    return { status: 0, len: r.type === T.IN ? 4097 : 1 };
+  }
+  return { status: 0, len: r.type === T.GET_ID ? 21 : 1 };
+}
+
+/** Check the used entries of queue q up to n: each names a request in flight, with the status and length it must have. */
+function checkUsed(res: Resources, input: Input, st: IoState, q: number, n: number): string | undefined {
+  const L = input.layout;
+  const { bytes, v } = regionView(res, L);
+  const size = input.queueSize[q]!;
+  const used = L.ring(q) + L.used;
+  const idx = v.getUint16(used + 2, true);
+  const sent = st.reqs[q]!;
+  if (((idx - st.checked[q]!) & 0xffff) > sent.length - st.checked[q]!) {
+    return `queue ${q}: used idx ${idx}, but only ${sent.length} requests were ever published`;
+  }
+  for (let i = st.checked[q]!; i < n; i++) {
+    const id = v.getUint32(used + 4 + 8 * (i % size), true);
+    const len = v.getUint32(used + 8 + 8 * (i % size), true);
+    const r = sent.find((x) => !x.done && x.head === id);
+    if (!r) return `queue ${q}: used entry ${i} names head ${id}, which is not a request in flight`;
+    r.done = true;
+    // A later request in the same slot has overwritten the status byte.
+    if (sent.some((x) => x.k > r.k && x.k % L.slots === r.k % L.slots)) continue;
+    const want = expected(r);
+    const got = bytes[r.status]!;
+    const what = `queue ${q}: request ${r.k} (type ${r.type}, sector ${r.sector})`;
+    if (got !== want.status) return `${what} completed with status ${got === 0xa5 ? 'unwritten' : got}, expected ${want.status}`;
+    if (want.len !== undefined && len !== want.len) return `${what} completed OK with used length ${len}, expected ${want.len}`;
+  }
+  st.checked[q] = n;
+  return undefined;
 }
 
 /** The inflight area's contents for this input: zeros (a new area), a plausible record of a crashed back-end, or noise. */
@@ -1026,12 +1454,15 @@ function fillInflight(res: Resources, input: Input): void {
 
 function describeStep(res: Resources, s: Step): string {
   if (s.t === 'io') return `${s.name} q${s.q} sector ${s.sector}${s.indirect ? ' indirect' : ''}`;
+  if (s.t === 'await') return `${s.name}${s.still ? ' (the ring must not move)' : ''}${s.mutated ? ' (moved: not checked)' : ''}`;
+  if (s.t === 'barrier') return `${s.name}: GET_QUEUE_NUM, waited for${s.lateFd !== undefined ? `; then ${res.name(s.lateFd)} must be readable` : ''}`;
   if (s.t === 'raw') return `${s.name} ${hex(s.bytes, 24)}${s.fds.length ? ` fds=[${s.fds.map((f) => res.name(f)).join(',')}]` : ''}`;
   const fds = s.chunkFds ? s.chunkFds.flat() : s.fds;
   return (
     `${s.name} req=${s.req} flags=0x${s.flags.toString(16)} len=${s.payload.length}` +
     `${s.size !== undefined ? ` size=${s.size}` : ''}${fds.length ? ` fds=[${fds.map((f) => res.name(f)).join(',')}]` : ''}` +
-    `${s.split ? ` split@${s.split.join(',')}` : ''} ${hex(s.payload, 48)}`
+    `${s.split ? ` split@${s.split.join(',')}` : ''} ${hex(s.payload, 48)}` +
+    `${s.checkBase ? ' (must answer the published count)' : ''}${s.mustClose ? ' (must close)' : ''}`
   );
 }
 
@@ -1046,7 +1477,7 @@ export function describeInput(res: Resources, input: Input): string {
   else if (input.end === 'close') lines.push('  then close');
   else lines.push('  then probe GET_QUEUE_NUM');
   return (
-    `mutations [${input.mutations.join(', ')}]${input.tags.size ? ` tags [${[...input.tags].join(', ')}]` : ''}` +
+    `variant ${input.variant} (${input.numQueues}-queue daemon), mutations [${input.mutations.join(', ')}]${input.tags.size ? ` tags [${[...input.tags].join(', ')}]` : ''}` +
     `${input.sync ? ' sync' : ' pipelined'}${input.manyFds ? ` many-fds=${input.manyFds}` : ''}` +
     `${input.inflight ? ` inflight area: ${input.inflight.mode} (seed ${input.inflight.seed})` : ''}\n${lines.join('\n')}`
   );
@@ -1097,6 +1528,10 @@ class ManyFdsHelper {
 class SocketFuzzer {
   readonly res = new Resources();
   offer: Offer = { features: 0n, protocol: 0n };
+  /** Queues of the daemon in use (2, or 64 for the many-queue inputs). */
+  numQueues = NUM_QUEUES;
+  /** Oracle counters: used entries checked (status, length), late call fds found signalled. */
+  readonly checked = { io: 0, callFds: 0 };
   private readonly helper = new ManyFdsHelper();
 
   constructor(private d: FuzzDaemon) {}
@@ -1132,12 +1567,11 @@ class SocketFuzzer {
   async run(input: Input, accepted: () => void): Promise<Outcome> {
     const res = this.res;
     if (input.manyFds) return this.runManyFds(input);
-    // Fresh rings for this input.
-    res.r0.fill(0, RING_GPA(0), RING_GPA(NUM_QUEUES));
     const conn = RawConn.tryConnect(this.d.socket);
     if (!conn) return { kind: 'refused' };
     const sent: { bytes: Uint8Array; fds: number }[] = [];
-    const ioState = { avail: [0, 0], slot: [0, 0] };
+    const ioState = newIoState();
+    const want: Expect = { numQueues: this.numQueues, checks: new Map() };
     let closed = false;
     const send = async (bytes: Uint8Array, fds: number[]): Promise<boolean> => {
       if (closed) return false;
@@ -1179,17 +1613,102 @@ class SocketFuzzer {
       }
       if (conn.eof && !conn.replies.length) return { kind: 'refused' };
       accepted();
+      // Fresh rings for this input, now that the previous connection is torn down (until then its rings may still complete requests).
+      regionView(res, input.layout).bytes.fill(0, ...input.layout.ringArea);
       fillInflight(res, input);
+      // Nothing mutated has been sent yet: every message so far is valid, the oracles below apply.
+      let pristine = true;
+      let pristineAck = false;
+      // Stream index of the next message (the opening GET_FEATURES is 0); exact while pristine.
+      let msgIndex = 1;
+      let mustClose: string | undefined;
+      // A corrupt inflight area may legitimately be refused; zeros may not.
+      const inflightOk = !input.inflight || input.inflight.mode === 'zero';
+      const closedValid = (what: string): Outcome => ({
+        kind: 'fail',
+        why: `the daemon closed the connection ${what}, with nothing but valid messages sent (${conn.eofReason})`,
+      });
       for (const s of input.steps) {
-        if (s.mutated) synced = false;
+        if (s.mutated) synced = pristine = false;
         if (s.t === 'io') {
           if (!(await flush())) break;
+          // A request published after a GET_VRING_BASE was sent (a mutation moved it there) may be taken before the ring stops.
+          for (const c of want.checks!.values()) if (c.baseQ === s.q) c.base = undefined;
           doIo(res, input, ioState, s);
           continue;
         }
         if (s.t === 'raw') {
           if (!(await queue(s.bytes, s.fds, false))) break;
           continue;
+        }
+        if (s.t === 'await') {
+          // Checked I/O needs rings the fuzzer alone fills: no inflight area replaying old records.
+          if (!pristine || !inflightOk) continue;
+          if (!(await flush())) break;
+          // What was published, not what the generator planned: a mutation further on may have moved a request here or away.
+          const n = ioState.reqs[s.q]!.length;
+          if (s.still) {
+            const idx = usedIdx(res, input, s.q);
+            const was = ioState.checked[s.q]!;
+            if (idx !== was) return { kind: 'fail', why: `queue ${s.q} is disabled (RESET_OWNER) but its used idx moved from ${was} to ${idx}` };
+            continue;
+          }
+          const deadline = Date.now() + REPLY_TIMEOUT_MS;
+          for (let spin = 0; ((usedIdx(res, input, s.q) - n) & 0xffff) >= 0x8000; spin++) {
+            conn.poll();
+            if (conn.eof) return closedValid(`while queue ${s.q} had requests in flight`);
+            if (Date.now() > deadline) {
+              return { kind: 'fail', why: `queue ${s.q}: used idx ${usedIdx(res, input, s.q)} ${REPLY_TIMEOUT_MS} ms after ${n} valid requests were published and kicked (${s.name})` };
+            }
+            await new Promise((r) => (spin < 200 ? setImmediate(r) : setTimeout(r, 1)));
+          }
+          const from = ioState.checked[s.q]!;
+          const bad = checkUsed(res, input, ioState, s.q, n);
+          if (bad) return { kind: 'fail', why: bad };
+          this.checked.io += n - from;
+          continue;
+        }
+        if (s.t === 'barrier') {
+          if (!pristine) continue;
+          if (!(await flush())) break;
+          const idx = msgIndex++;
+          if (!(await send(frame(Req.GET_QUEUE_NUM, V, new Uint8Array(0)), []))) return closedValid(`before ${s.name}`);
+          expected++;
+          let err: string | undefined;
+          const answered = (): boolean => {
+            const m = matchReplies(parseStream(sent).msgs, conn.replies, this.offer, want);
+            err = m.error;
+            return err !== undefined || m.answered.includes(idx);
+          };
+          if (!(await conn.until(answered, REPLY_TIMEOUT_MS))) return { kind: 'fail', why: `no reply to ${s.name} within ${REPLY_TIMEOUT_MS} ms (daemon hung?)`, fatal: true };
+          if (err) return { kind: 'fail', why: err };
+          if (!answered()) return closedValid(`before ${s.name}`);
+          if (s.lateFd !== undefined && Resources.count(s.lateFd) < 1n) {
+            return { kind: 'fail', why: `the call fd installed by the last SET_VRING_CALL (${res.name(s.lateFd)}) was not signalled once processed (a newly installed call fd must be signalled at once)` };
+          }
+          if (s.lateFd !== undefined) this.checked.callFds++;
+          continue;
+        }
+        if (s.drain !== undefined) Resources.count(s.drain);
+        if (pristine) {
+          if (s.req === Req.SET_PROTOCOL_FEATURES) pristineAck = has(rd64(s.payload, 0), PF.REPLY_ACK);
+          // GET_VRING_BASE of a ring whose every published request was awaited and checked: the published count.
+          const q = s.payload.length >= 4 ? new DataView(s.payload.buffer, s.payload.byteOffset).getUint32(0, true) : -1;
+          const settled = s.checkBase && q < MANY_QUEUES && ioState.checked[q] === ioState.reqs[q]!.length && inflightOk;
+          const check: Check = {
+            ack0: pristineAck && (s.flags & NR) !== 0 && !GETS.has(s.req),
+            base: settled ? ioState.reqs[q]!.length : undefined,
+            baseQ: q,
+            close: s.mustClose,
+          };
+          if (check.ack0 || check.base !== undefined || check.close) want.checks!.set(msgIndex, check);
+          mustClose ??= s.mustClose;
+        }
+        // Let our watcher read replies now and then (a long burst of need_reply messages would
+        // otherwise be read only at its end).
+        if (msgIndex++ % 32 === 0) {
+          if (!(await flush())) break;
+          await new Promise((r) => setImmediate(r));
         }
         const f = frame(s.req, s.flags, s.payload, s.size);
         const cuts = [0, ...(s.split ?? []), f.length];
@@ -1213,9 +1732,13 @@ class SocketFuzzer {
       await flush();
       if (input.end === 'close-mid' && !closed) {
         await send(input.partial!, input.partialFds ?? []);
-        return this.judgeEarly(conn, sent, 'aborted');
+        return this.judgeEarly(conn, sent, 'aborted', want);
       }
-      if (input.end === 'close' || closed) return this.judgeEarly(conn, sent, closed ? 'close' : 'aborted');
+      if (closed && pristine && !mustClose && inflightOk) {
+        const early = this.judgeEarly(conn, sent, 'close', want);
+        return early.kind === 'fail' ? early : closedValid('while it was being sent a valid sequence');
+      }
+      if (input.end === 'close' || closed) return this.judgeEarly(conn, sent, closed ? 'close' : 'aborted', want);
       // Complete whatever message the daemon is still reading, then the probe.
       let parsed = parseStream(sent);
       if (!parsed.badHeader && parsed.needMore) {
@@ -1230,7 +1753,7 @@ class SocketFuzzer {
       }
       const done = (): boolean => {
         if (probeIndex < 0 || !conn.replies.length || conn.replies[conn.replies.length - 1]!.request !== Req.GET_QUEUE_NUM) return false;
-        const m = matchReplies(parsed.msgs, conn.replies, this.offer);
+        const m = matchReplies(parsed.msgs, conn.replies, this.offer, want);
         return m.error !== undefined || m.answered[m.answered.length - 1] === probeIndex;
       };
       const finished = await conn.until(done, REPLY_TIMEOUT_MS);
@@ -1245,9 +1768,10 @@ class SocketFuzzer {
         };
       }
       if (conn.replies.length === 0) return { kind: 'refused' };
-      const m = matchReplies(parsed.msgs, conn.replies, this.offer);
+      const m = matchReplies(parsed.msgs, conn.replies, this.offer, want);
       if (m.error) return { kind: 'fail', why: m.error };
-      if (conn.eof && !done()) return { kind: 'close' };
+      if (conn.eof && !done()) return pristine && !mustClose && inflightOk ? closedValid('before the final probe') : { kind: 'close' };
+      if (mustClose) return { kind: 'fail', why: `the daemon served on after ${mustClose}: it must close the connection` };
       return { kind: 'reply' };
     } finally {
       conn.close();
@@ -1255,12 +1779,12 @@ class SocketFuzzer {
   }
 
   /** We closed (or the daemon did while we were still sending): check what did come back. */
-  private judgeEarly(conn: RawConn, sent: { bytes: Uint8Array; fds: number }[], kind: 'aborted' | 'close'): Outcome {
+  private judgeEarly(conn: RawConn, sent: { bytes: Uint8Array; fds: number }[], kind: 'aborted' | 'close', want?: Expect): Outcome {
     // Take whatever is already there without waiting for more.
     conn.poll();
     if (conn.garbage) return { kind: 'fail', why: conn.garbage };
     if (conn.replies.length === 0 && kind === 'close') return { kind: 'refused' };
-    const m = matchReplies(parseStream(sent).msgs, conn.replies, this.offer);
+    const m = matchReplies(parseStream(sent).msgs, conn.replies, this.offer, want ?? { numQueues: this.numQueues });
     if (m.error) return { kind: 'fail', why: m.error };
     return { kind };
   }
@@ -1278,7 +1802,7 @@ class SocketFuzzer {
     const replies: Reply[] = r.replies!.map(([request, flags, size, fds, hexPayload]) => ({ request, flags, size, fds, payload: Uint8Array.from(Buffer.from(hexPayload, 'hex')) }));
     if (!replies.length && r.eof) return { kind: 'refused' };
     const msgs = parseStream([{ bytes: frame(Req.GET_FEATURES, V, new Uint8Array(0)), fds: 0 }, { bytes: m, fds: input.manyFds! }, { bytes: probe, fds: 0 }]).msgs;
-    const matched = matchReplies(msgs, replies, this.offer);
+    const matched = matchReplies(msgs, replies, this.offer, { numQueues: this.numQueues });
     if (matched.error) return { kind: 'fail', why: matched.error };
     if (r.timeout) return { kind: 'fail', why: `message with ${input.manyFds} fds: neither a reply nor a close within ${REPLY_TIMEOUT_MS} ms` };
     return { kind: r.eof ? 'close' : 'reply' };
@@ -1295,19 +1819,27 @@ class SocketFuzzer {
 export async function run(opts: RunOptions): Promise<FuzzStats> {
   const { seed, start, batch, maxFailures, avoid, log } = withDefaults(opts);
   const failures: Failure[] = [];
-  const extra: Record<string, number> = { aborted: 0, refusedRetries: 0, restarts: 0, healthySessions: 0, leakChecks: 0, pastEofInputs: 0, manyFdsInputs: 0, syncInputs: 0, inflightInputs: 0 };
+  const extra: Record<string, number> = {
+    aborted: 0, refusedRetries: 0, restarts: 0, healthySessions: 0, leakChecks: 0, pastEofInputs: 0, manyFdsInputs: 0, syncInputs: 0, inflightInputs: 0,
+    manyQueueInputs: 0, lateCallInputs: 0, resetOwnerInputs: 0, earlyKickInputs: 0, slotInputs: 0, checkedIo: 0, callFdChecks: 0,
+  };
   const t0 = Date.now();
   const ticker = new Ticker('socket', t0, opts.onProgress);
   let closes = 0;
   let replies = 0;
   let inputs = 0;
 
-  let d = await FuzzDaemon.start({ numQueues: NUM_QUEUES });
+  // Two daemons: the 2-queue one, and the 64-queue variant (started at the first many-queue input).
+  // The per-daemon state below belongs to the one in use (`d`); the other's waits in `parked`.
+  let numQueues = NUM_QUEUES;
+  let d = await FuzzDaemon.start({ numQueues });
   const fz = new SocketFuzzer(d);
   let base: Baseline | undefined;
   let problemsSeen = 0;
   let closeLogsExpected = 0;
   let closeLogsBase = 0;
+  type Parked = { d: FuzzDaemon; offer: Offer; base: Baseline | undefined; problemsSeen: number; closeLogsExpected: number; closeLogsBase: number };
+  const parked = new Map<number, Parked>();
 
   const suppress = new Suppressor(avoid, log);
   let cur: Input | undefined;
@@ -1329,7 +1861,7 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
     fail(index, kind, `${why}${busy}\n--- daemon log (tail) ---\n${d.log.recent(15)}`);
     problemsSeen = d.log.problems.length;
     await d.stop(kill);
-    d = await FuzzDaemon.start({ numQueues: NUM_QUEUES });
+    d = await FuzzDaemon.start({ numQueues });
     fz.daemon = d;
     extra.restarts!++;
     base = undefined;
@@ -1397,11 +1929,35 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
     fz.res.drainPipe();
   };
 
+  /** Use the daemon with `n` queues from now on (after a checkpoint of the current one). */
+  const switchTo = async (n: number, lastIndex: number): Promise<void> => {
+    await checkpoint(lastIndex);
+    parked.set(numQueues, { d, offer: fz.offer, base, problemsSeen, closeLogsExpected, closeLogsBase });
+    numQueues = fz.numQueues = n;
+    const p = parked.get(n);
+    parked.delete(n);
+    if (p && !p.d.exited()) {
+      ({ d, base, problemsSeen, closeLogsExpected, closeLogsBase } = p);
+      fz.daemon = d;
+      fz.offer = p.offer;
+      return;
+    }
+    if (p) await p.d.stop();
+    d = await FuzzDaemon.start({ numQueues });
+    fz.daemon = d;
+    base = undefined;
+    problemsSeen = closeLogsExpected = closeLogsBase = 0;
+    await fz.learnOffer();
+    await checkpoint(lastIndex); // the baseline, before any input reaches it
+  };
+
   try {
     await fz.learnOffer();
     await checkpoint(start - 1);
     for (let index = start; index < start + opts.count; index++) {
       if (failures.length >= maxFailures || opts.signal?.aborted) break;
+      const nq = isManyIndex(index) ? MANY_QUEUES : NUM_QUEUES;
+      if (nq !== numQueues) await switchTo(nq, index - 1);
       prev = cur;
       let input: Input;
       try {
@@ -1415,6 +1971,9 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
       if (input.manyFds) extra.manyFdsInputs!++;
       if (input.sync) extra.syncInputs!++;
       if (input.inflight) extra.inflightInputs!++;
+      const variant = input.variant.split('/')[0]!;
+      const counter = ({ many: 'manyQueueInputs', 'late-call': 'lateCallInputs', 'reset-owner': 'resetOwnerInputs', 'early-kick': 'earlyKickInputs', slots: 'slotInputs' } as Record<string, string>)[variant];
+      if (counter) extra[counter]!++;
       let out: Outcome;
       let tries = 0;
       for (;;) {
@@ -1462,8 +2021,11 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
     if (d.exited()) await restart('daemon died', `vhostd ${d.exitInfo} at the end of the run`, start + opts.count - 1);
   } finally {
     await d.stop();
+    for (const p of parked.values()) await p.d.stop();
     fz.destroy();
   }
+  extra.checkedIo = fz.checked.io;
+  extra.callFdChecks = fz.checked.callFds;
   const elapsedMs = Date.now() - t0;
   ticker.tick(inputs, failures.length, true);
   return { target: 'socket', seed, inputs, messages: ticker.messages, closes, replies, failures, elapsedMs, rate: (inputs * 1000) / elapsedMs, extra };
