@@ -9,10 +9,12 @@
 // hold from the socket is at most the one message being read or handled
 // (12 + MAX_PAYLOAD bytes, MAX_FDS fds). Messages that need no wait run
 // synchronously, so a pipelined burst (QEMU sends queue setup without
-// need_reply) is applied in order as fast as it is read.
+// need_reply) is applied in order as fast as it is read. Replies get the same
+// rule: one the socket cannot take now waits in a small outbox, and nothing
+// more is read until the front-end has read it.
 import type { Logger } from 'pino';
 import { DeviceError, type Device } from '../device.js';
-import { native, EAGAIN, EINTR, POLL_READABLE, type WatchHandle } from '../native/index.js';
+import { native, EAGAIN, EINTR, POLL_READABLE, POLL_WRITABLE, type WatchHandle } from '../native/index.js';
 import { MemoryError } from '../ring/guest-memory.js';
 import { InflightError } from '../ring/inflight.js';
 import type { Placement } from '../ring/placement.js';
@@ -47,6 +49,12 @@ export class Connection implements Replies {
   private reading: { buf: Uint8Array; got: number; fds: number[]; header?: { request: number; flags: number } };
   /** A handler is waiting on a promise; the socket is not read meanwhile. */
   private waiting = false;
+  /**
+   * Reply bytes the socket would not take yet (with dup'd fds for the first
+   * piece). Nothing is read while it holds anything, so it holds at most the
+   * replies to the message being handled.
+   */
+  private outbox: { request: number; bytes: Uint8Array; fds: number[] }[] = [];
   private isClosed = false;
   private readonly closedPromise: Promise<void>;
   private resolveClosed!: () => void;
@@ -62,7 +70,7 @@ export class Connection implements Replies {
     this.h = new Handlers(device, placement, this, log);
     this.reading = { buf: this.header, got: 0, fds: [] };
     this.closedPromise = new Promise((r) => (this.resolveClosed = r));
-    this.watch = native.watch(fd, POLL_READABLE, () => this.onReadable());
+    this.watch = native.watch(fd, POLL_READABLE, (_status, events) => this.onReady(events));
   }
 
   /** Resolves once the connection is gone and all its resources are released. */
@@ -82,9 +90,32 @@ export class Connection implements Replies {
     return this.h.features;
   }
 
+  private onReady(events: number): void {
+    if (events & POLL_WRITABLE) {
+      try {
+        this.flush();
+      } catch (e) {
+        return this.fatal(e);
+      }
+      this.updateEvents();
+    }
+    if (events & POLL_READABLE) this.onReadable();
+  }
+
+  /** Read while nothing holds us back: no handler waiting, no reply waiting to go out. */
+  private get canRead(): boolean {
+    return !this.isClosed && !this.waiting && this.outbox.length === 0;
+  }
+
+  /** Watch for exactly what can be acted on: replies to flush, else messages to read. */
+  private updateEvents(): void {
+    if (this.isClosed || !this.watch) return;
+    native.setEvents(this.watch, this.outbox.length ? POLL_WRITABLE : this.waiting ? 0 : POLL_READABLE);
+  }
+
   private onReadable(): void {
     try {
-      while (!this.isClosed && !this.waiting) {
+      while (this.canRead) {
         const msg = this.readMessage();
         if (!msg) return;
         this.run(msg);
@@ -163,13 +194,12 @@ export class Connection implements Replies {
 
   private pause(): void {
     this.waiting = true;
-    if (this.watch) native.setEvents(this.watch, 0);
+    this.updateEvents();
   }
 
   private resume(): void {
     this.waiting = false;
-    if (this.isClosed || !this.watch) return;
-    native.setEvents(this.watch, POLL_READABLE);
+    this.updateEvents();
     this.onReadable(); // whatever arrived meanwhile, without waiting a loop turn
   }
 
@@ -180,11 +210,60 @@ export class Connection implements Replies {
     void this.close();
   }
 
+  /** Send a reply; what the socket cannot take now goes out when it is writable, before anything more is read. */
   send(request: number, payload: Uint8Array, fds: number[] = []): void {
     // A handler that waited (for a drain) may finish after a disconnect: its fd number may be reused by now.
     if (this.isClosed) return;
-    const n = native.sendmsg(this.fd, encodeMessage(request, VERSION | FLAG_REPLY, payload), fds);
-    if (n < 0) throw new ProtocolError(`cannot send ${requestName(request)} reply: errno ${-n}`);
+    const bytes = encodeMessage(request, VERSION | FLAG_REPLY, payload);
+    if (this.outbox.length === 0) {
+      const n = this.sendNow(bytes, fds, request);
+      if (n === bytes.length) return;
+      if (n > 0) {
+        // The fds went with the first byte.
+        this.outbox.push({ request, bytes: bytes.subarray(n), fds: [] });
+        this.updateEvents();
+        return;
+      }
+    }
+    // The caller closes its fds after this returns: keep copies until they are sent.
+    const copies: number[] = [];
+    for (const fd of fds) {
+      const d = native.dup(fd);
+      if (d < 0) {
+        for (const c of copies) native.close(c);
+        throw new Error(`cannot keep an fd for the ${requestName(request)} reply: errno ${-d}`);
+      }
+      copies.push(d);
+    }
+    this.outbox.push({ request, bytes, fds: copies });
+    this.updateEvents();
+  }
+
+  /** Bytes sent (0 when the socket is full); throws on a real error. */
+  private sendNow(bytes: Uint8Array, fds: number[], request: number): number {
+    for (;;) {
+      const n = native.sendmsg(this.fd, bytes, fds);
+      if (n >= 0) return n;
+      if (n === -EINTR) continue;
+      if (n === -EAGAIN) return 0;
+      throw new ProtocolError(`cannot send ${requestName(request)} reply: errno ${-n}`);
+    }
+  }
+
+  /** Send what the outbox holds, as far as the socket takes it. */
+  private flush(): void {
+    while (this.outbox.length) {
+      const head = this.outbox[0]!;
+      const n = this.sendNow(head.bytes, head.fds, head.request);
+      if (n === 0) return;
+      for (const fd of head.fds) native.close(fd);
+      head.fds = [];
+      if (n < head.bytes.length) {
+        head.bytes = head.bytes.subarray(n);
+        return;
+      }
+      this.outbox.shift();
+    }
   }
 
   ack(msg: Message, ok: boolean): void {
@@ -202,6 +281,7 @@ export class Connection implements Replies {
     this.isClosed = true;
     if (this.watch) native.unwatch(this.watch);
     this.watch = undefined;
+    for (const m of this.outbox.splice(0)) for (const fd of m.fds) native.close(fd);
     for (const fd of this.reading.fds) native.close(fd);
     this.reading.fds = [];
     await this.h.teardown();

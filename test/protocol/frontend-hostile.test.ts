@@ -12,7 +12,7 @@ import { GiB, MiB } from '../driver/guest.js';
 import type { Message } from '../driver/frontend.js';
 import { Session } from '../driver/session.js';
 import { SplitQueue } from '../driver/virtqueue.js';
-import { frame, has, PF, Req, singleRegion, u64, VERSION, VF, vringAddr, vringState } from '../driver/wire.js';
+import { F_NEED_REPLY, frame, has, PF, Req, singleRegion, u64, VERSION, VF, vringAddr, vringState } from '../driver/wire.js';
 
 /** Queues as startDevice() makes them, without sending anything. */
 function makeQueues(s: Session, n: number, size: number): void {
@@ -135,6 +135,33 @@ describe('a front-end that pipelines', { timeout: 60_000 }, () => {
       s.fe.checkReply(m, Req.GET_QUEUE_NUM, 8);
       expect(await s.fe.getQueueNum()).toBe(64n);
       expect(s.fe.pending()).toEqual([]);
+    });
+  });
+});
+
+describe('a front-end that reads its replies late', { timeout: 60_000 }, () => {
+  let be: Backend;
+  beforeAll(async () => {
+    be = await startBackend('vhostd', { numQueues: 2 });
+  }, 30_000);
+  afterAll(async () => {
+    await be?.stop();
+  });
+
+  it('2000 need_reply messages sent before reading any reply: every ack arrives, in order, and the connection stays', async () => {
+    await session(be, async (s) => {
+      await s.negotiate();
+      // Far more acks than a Unix socket buffers (about 280 of 20 bytes): the daemon must wait for us to read.
+      const n = 2000;
+      s.fe.sendBytes(concat(Array.from({ length: n }, () => frame(Req.SET_OWNER, VERSION | F_NEED_REPLY, new Uint8Array(0)))));
+      await new Promise((r) => setTimeout(r, 500));
+      for (let i = 0; i < n; i++) {
+        const m = await s.fe.recv();
+        s.fe.checkReply(m, Req.SET_OWNER, 8);
+        expect(new DataView(m.payload.buffer, m.payload.byteOffset).getBigUint64(0, true)).toBe(0n);
+      }
+      expect(await s.fe.getQueueNum()).toBe(2n);
+      expect(be.output()).not.toMatch(/cannot send/);
     });
   });
 });
