@@ -70,7 +70,7 @@ export class Connection implements Replies {
     this.h = new Handlers(device, placement, this, log);
     this.reading = { buf: this.header, got: 0, fds: [] };
     this.closedPromise = new Promise((r) => (this.resolveClosed = r));
-    this.watch = native.watch(fd, POLL_READABLE, (_status, events) => this.onReady(events));
+    this.watch = native.watch(fd, POLL_READABLE, (status, events) => this.onReady(status, events));
   }
 
   /** Resolves once the connection is gone and all its resources are released. */
@@ -90,7 +90,14 @@ export class Connection implements Replies {
     return this.h.features;
   }
 
-  private onReady(events: number): void {
+  private onReady(status: number, events: number): void {
+    if (status < 0) {
+      // The socket is in error (a peer that hung up with our replies unread resets it), and libuv
+      // has stopped watching it: nothing more will come, so go now, whatever we were waiting for.
+      this.log.info({ errno: -status }, 'front-end connection reset');
+      void this.close();
+      return;
+    }
     if (events & POLL_WRITABLE) {
       try {
         this.flush();

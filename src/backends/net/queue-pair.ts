@@ -130,7 +130,7 @@ export class QueuePair {
     this.events = want;
     if (!this.watch) {
       if (!want) return;
-      this.watch = native.watch(this.s.tapFd, want, (_status, ev) => this.onTapReady(ev));
+      this.watch = native.watch(this.s.tapFd, want, (status, ev) => this.onTapReady(status, ev));
     } else {
       native.setEvents(this.watch, want);
     }
@@ -142,7 +142,14 @@ export class QueuePair {
     this.events = 0;
   }
 
-  private onTapReady(events: number): void {
+  private onTapReady(status: number, events: number): void {
+    if (status < 0) {
+      // libuv stopped watching a tap in error: nothing would ever move again, so say so.
+      const reason = `tap queue ${this.index} in error (libuv status ${status})`;
+      this.close();
+      for (const q of [this.rx, this.tx]) q?.fail(reason);
+      return;
+    }
     if (events & POLL_WRITABLE) {
       this.txBlocked = false;
       this.tx?.service();
