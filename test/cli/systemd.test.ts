@@ -137,7 +137,7 @@ describe('socket activation', () => {
     try {
       const child = spawn(process.execPath, [DAEMON, 'blk', '--blk-file', image, '--fd', '3'], { stdio: ['ignore', 'pipe', 'pipe', lfd] });
       let out = '';
-      child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
+      child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
       const code = new Promise<number | null>((r) => child.once('close', r));
       await waitForOutput(() => out, /vhost-user-blk ready/);
       await blkRoundTrip(sock, 32);
