@@ -6,6 +6,7 @@
 // after each kill with the same socket (Restart=on-failure). QEMU reconnects
 // (reconnect=1) to a socket that never went away, and the inflight record
 // makes every kill invisible to the guest.
+import { spawn } from 'node:child_process';
 import { lstatSync } from 'node:fs';
 import { mkdtemp, open, rm, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -106,4 +107,69 @@ ${fioVerifyScript({ rounds: ROUNDS, sizeMiB: 32, iodepth: 16 })}`,
     },
     GUEST_TIMEOUT + 120_000,
   );
+});
+
+run('a guest boots against vhostd started by systemd-socket-activate', () => {
+  let dir: string;
+  beforeAll(async () => {
+    await provisionGuestKit();
+    dir = await mkdtemp(join(tmpdir(), 'vhostd-ssa-'));
+  });
+  afterAll(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it('QEMU\'s connection starts vhostd; the guest sees the disk, writes and reads it back; STATUS shows its queue running', async () => {
+    const image = join(dir, 'disk.img');
+    const sock = join(dir, 'blk.sock');
+    await (await open(image, 'w')).close();
+    await truncate(image, 64 << 20);
+    const notify = await NotifySocket.open(`@vhostd-e2e-${process.pid}-ssa`);
+    const child = spawn(
+      'systemd-socket-activate',
+      ['-l', sock, '-E', `NOTIFY_SOCKET=${notify.address}`, process.execPath, DAEMON, 'blk', '--blk-file', image, '--serial', 'activated', '--socket-path', sock],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let out = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (out += d));
+    const code = new Promise<number | null>((r) => child.once('close', r));
+    try {
+      await waitForOutput(() => out, /Listening on/);
+      expect(out).not.toMatch(/vhost-user-blk ready/); // nothing runs until QEMU connects
+      let running: string | undefined;
+      const res = await runGuest({
+        smp: 2,
+        timeoutMs: 240_000,
+        devices: ['-chardev', `socket,id=c0,path=${sock}`, '-device', 'vhost-user-blk-pci,chardev=c0,num-queues=1'],
+        onMarker: (key) => {
+          if (key === 'WRITTEN') running = [...notify.lines()].reverse().find((l) => l.startsWith('STATUS='));
+        },
+        script: `
+echo "@@SIZE=$(cat /sys/block/vda/size)"
+echo "@@SERIAL=$(cat /sys/block/vda/serial)"
+dd if=/dev/urandom of=/tmp/pattern bs=4096 count=256 2>/dev/null
+dd if=/tmp/pattern of=/dev/vda bs=4096 seek=100 conv=fsync oflag=direct 2>/dev/null
+sleep 3
+echo "@@WRITTEN=1"
+dd if=/dev/vda of=/tmp/back bs=4096 skip=100 count=256 iflag=direct 2>/dev/null
+cmp /tmp/pattern /tmp/back && echo "@@SAME=1"
+`,
+      });
+      if (res.exitCode !== 0) throw new Error(`guest failed (exit ${res.exitCode}):\n${res.output.slice(-4000)}`);
+      expect(res.markers.SIZE).toBe(String((64 << 20) / 512));
+      expect(res.markers.SERIAL).toBe('activated');
+      expect(res.markers.SAME).toBe('1');
+      expect(out).toMatch(/"msg":"serving on an inherited listening socket"/);
+      expect(notify.lines()).toContain('READY=1');
+      // Refreshed within 2 s of the ring starting; the guest waited 3 s before reporting.
+      expect(running).toMatch(/^STATUS=blk: front-end connected \(connection 1\); queues: 1 running$/);
+      child.kill('SIGTERM');
+      expect(await code).toBe(0);
+      expect(notify.lines()).toContain('STOPPING=1');
+    } finally {
+      if (child.exitCode === null) child.kill('SIGKILL');
+      notify.close();
+    }
+  }, 300_000);
 });
