@@ -9,7 +9,9 @@ import { NetDevice } from './backends/net/net-device.js';
 import { Placement } from './ring/placement.js';
 import { Tap } from './backends/net/tap.js';
 import type { Device } from './device.js';
+import { native } from './native/index.js';
 import { Server } from './protocol/server.js';
+import { listenFds, ListenFdError, Notifier, prepareListener } from './systemd.js';
 
 export const DEFAULT_BLK_SOCKET = '/run/vhostd/blk0.sock';
 export const DEFAULT_BLK_IMAGE = '/var/lib/vhostd/default.img';
@@ -20,8 +22,62 @@ const LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as
 
 class UsageError extends Error {}
 
+/**
+ * What `--print-capabilities` prints: a VHostUserBackendCapabilities object
+ * of QEMU's docs/interop/vhost-user.json ("Backend program conventions").
+ */
+export const CAPABILITIES = {
+  blk: { type: 'block', features: ['read-only', 'blk-file'] },
+  net: { type: 'net' },
+} as const;
+
+/** Where the vhost-user socket comes from. */
+type Listener =
+  | { kind: 'path'; path: string } // bind and listen ourselves
+  | { kind: 'fd'; fd: number; path: string; from: string } // inherited, already listening
+  | { kind: 'client'; path: string }; // connect to a listening front-end
+
+/**
+ * Decide the socket: --fd, then systemd's LISTEN_FDS, then --socket-path (or
+ * the default). The LISTEN_* variables are consumed (and unset) here, before
+ * anything else runs.
+ */
+function chooseListener(a: { socket: string | undefined; fd: number | undefined; client: boolean }, defaultPath: string): Listener {
+  let inherited: number[];
+  try {
+    inherited = listenFds();
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  if (a.fd !== undefined) {
+    if (a.socket !== undefined) throw new UsageError('--fd and --socket-path are incompatible: pass one of them');
+    if (a.client) throw new UsageError('--fd and --client are incompatible: --fd is a listening socket');
+    if (!Number.isInteger(a.fd) || a.fd < 0) throw new UsageError(`--fd must be a file descriptor number, got ${a.fd}`);
+    for (const fd of inherited) native.close(fd);
+    return { kind: 'fd', fd: a.fd, path: `fd ${a.fd}`, from: '--fd' };
+  }
+  const path = a.socket ?? defaultPath;
+  if (inherited.length) {
+    if (a.client) throw new UsageError('socket activation (LISTEN_FDS) and --client are incompatible');
+    if (inherited.length > 1) throw new UsageError(`the service manager passed ${inherited.length} sockets (LISTEN_FDS); vhostd serves exactly one`);
+    return { kind: 'fd', fd: inherited[0]!, path, from: 'socket activation (LISTEN_FDS)' };
+  }
+  return a.client ? { kind: 'client', path } : { kind: 'path', path };
+}
+
+/** The STATUS= line: the front-end and a short summary of the queues. */
+function statusLine(kind: string, server: Server, socket: string, queues: number): string {
+  const conn = server.active;
+  if (!conn) return `${kind}: waiting for a front-end on ${socket}; ${queues} queue${queues === 1 ? '' : 's'} offered`;
+  const counts = new Map<string, number>();
+  for (const st of conn.queueStates()) counts.set(st, (counts.get(st) ?? 0) + 1);
+  const summary = [...counts].map(([st, n]) => `${n} ${st}`).join(', ');
+  return `${kind}: front-end connected (connection ${server.connectionCount}); queues: ${summary}`;
+}
+
 interface BlkArgs {
-  socket: string;
+  socket: string | undefined;
+  fd: number | undefined;
   client: boolean;
   file: string;
   readonly: boolean;
@@ -55,26 +111,47 @@ export function qemuNetCommandLine(socket: string, pairs: number, mtu?: number):
 }
 
 /** Listen, print how to attach, serve until SIGTERM/SIGINT, then drain and release. */
-async function serve(device: Device, placement: Placement, socket: string, client: boolean, log: Logger, attach: string, release: () => void | Promise<void>): Promise<number> {
+async function serve(device: Device, placement: Placement, listener: Listener, log: Logger, attach: string, release: () => void | Promise<void>): Promise<number> {
+  const socket = listener.path;
   const server = new Server(socket, device, placement, log);
-  if (client) {
+  const notifier = new Notifier();
+  const client = listener.kind === 'client';
+  if (listener.kind === 'client') {
     server.connect();
   } else {
     try {
-      server.listen();
+      if (listener.kind === 'fd') {
+        prepareListener(listener.fd, listener.from);
+        server.adoptListener(listener.fd);
+      } else {
+        server.listen();
+      }
     } catch (e) {
       await placement.close();
       await release();
+      if (e instanceof ListenFdError) throw new UsageError(e.message);
       throw new UsageError(`cannot listen on ${socket}: ${(e as Error).message}`);
     }
   }
-  log.info({ socket, client, queues: device.queueNum }, `vhost-user-${device.kind} ready`);
+  log.info({ socket, client, inherited: listener.kind === 'fd', queues: device.queueNum }, `vhost-user-${device.kind} ready`);
   const how = client ? attach.replace(/-chardev socket,id=c0,path=(\S+)/, '-chardev socket,id=c0,path=$1,server=on,wait=off') : attach;
   process.stdout.write(`# attach with:\n${how}\n`);
+
+  const status = (): string => statusLine(device.kind, server, socket, device.numQueues);
+  notifier.ready(status());
+  server.onChange = () => notifier.status(status());
+  // Queue states change between connects too (rings start, stop, fail): refresh
+  // the line now and then; an unchanged line is not sent again.
+  const refresh = notifier.enabled ? setInterval(() => notifier.status(status()), 2000).unref() : undefined;
+  const watchdogMs = notifier.startWatchdog();
+  if (watchdogMs !== undefined) log.info({ intervalMs: watchdogMs }, 'systemd watchdog enabled');
+
   const signal = await new Promise<string>((resolve) => {
     process.once('SIGTERM', () => resolve('SIGTERM'));
     process.once('SIGINT', () => resolve('SIGINT'));
   });
+  if (refresh) clearInterval(refresh);
+  notifier.stopping(`${device.kind}: stopping (${signal}), draining requests in flight`);
   log.info({ signal }, 'shutting down: draining requests in flight');
   await server.close();
   await placement.close();
@@ -95,9 +172,10 @@ function ensureDefaultImage(path: string, log: Logger): void {
 }
 
 async function runBlk(args: BlkArgs): Promise<number> {
+  const listener = chooseListener(args, DEFAULT_BLK_SOCKET);
   const log = pino({ name: 'vhostd', level: args.logLevel });
   if (args.file === DEFAULT_BLK_IMAGE) ensureDefaultImage(args.file, log);
-  if (args.socket === DEFAULT_BLK_SOCKET && !args.client) mkdirSync(dirname(args.socket), { recursive: true });
+  if (listener.kind === 'path' && listener.path === DEFAULT_BLK_SOCKET) mkdirSync(dirname(listener.path), { recursive: true });
 
   let image: Image;
   try {
@@ -115,11 +193,12 @@ async function runBlk(args: BlkArgs): Promise<number> {
   log.info({ file: args.file, bytes: image.size, readonly: args.readonly, direct: image.direct }, 'image opened');
   // blk queues share the daemon's thread: their file I/O already runs on libuv's pool.
   const placement = new Placement(device, { threads: 0, logLevel: args.logLevel, name: 'blk' });
-  return serve(device, placement, args.socket, args.client, log, qemuCommandLine(args.socket, args.numQueues), () => image.close());
+  return serve(device, placement, listener, log, qemuCommandLine(listener.path, args.numQueues), () => image.close());
 }
 
 interface NetArgs {
-  socket: string;
+  socket: string | undefined;
+  fd: number | undefined;
   client: boolean;
   tap: string;
   persist: boolean;
@@ -130,8 +209,9 @@ interface NetArgs {
 }
 
 async function runNet(args: NetArgs): Promise<number> {
+  const listener = chooseListener(args, DEFAULT_NET_SOCKET);
   const log = pino({ name: 'vhostd', level: args.logLevel });
-  if (args.socket === DEFAULT_NET_SOCKET && !args.client) mkdirSync(dirname(args.socket), { recursive: true });
+  if (listener.kind === 'path' && listener.path === DEFAULT_NET_SOCKET) mkdirSync(dirname(listener.path), { recursive: true });
   let tap: Tap;
   try {
     tap = new Tap({ name: args.tap, queues: args.numQueues, persist: args.persist });
@@ -150,7 +230,7 @@ async function runNet(args: NetArgs): Promise<number> {
   log.info({ tap: tap.name, created: tap.created, persist: args.persist, queuePairs: args.numQueues, threads: args.threads ?? args.numQueues }, 'tap opened');
   const device = new NetDevice({ tap, queuePairs: args.numQueues, mtu: args.mtu }, log);
   const placement = new Placement(device, { threads: args.threads ?? args.numQueues, logLevel: args.logLevel, name: 'net' });
-  return serve(device, placement, args.socket, args.client, log, qemuNetCommandLine(args.socket, args.numQueues, args.mtu), async () => {
+  return serve(device, placement, listener, log, qemuNetCommandLine(listener.path, args.numQueues, args.mtu), async () => {
     log.info({ stats: device.stats }, 'traffic totals');
     tap.close();
   });
@@ -162,6 +242,17 @@ function positiveInt(name: string, v: number, max: number): number {
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // vhost-user.rst: with --print-capabilities, other options and arguments are
+  // ignored and the back-end does nothing else. So this comes before parsing.
+  if (argv.includes('--print-capabilities')) {
+    const kind = argv[0];
+    if (kind === 'blk' || kind === 'net') {
+      process.stdout.write(`${JSON.stringify(CAPABILITIES[kind], null, 2)}\n`);
+      return 0;
+    }
+    process.stderr.write('vhostd: --print-capabilities needs a device: vhostd blk --print-capabilities, vhostd net --print-capabilities\n');
+    return 2;
+  }
   let result = 0;
   try {
     await yargs(argv)
@@ -172,10 +263,12 @@ export async function main(argv: string[]): Promise<number> {
         'Serve a virtio-blk device backed by an image file',
         (y) =>
           y
-            .option('socket', { type: 'string', default: DEFAULT_BLK_SOCKET, describe: 'Unix socket path QEMU connects to' })
+            .option('socket', { type: 'string', alias: 'socket-path', describe: `Unix socket path QEMU connects to [default: ${DEFAULT_BLK_SOCKET}]` })
+            .option('fd', { type: 'number', describe: 'Serve on this already-listening socket fd instead of --socket-path' })
+            .option('print-capabilities', { type: 'boolean', describe: 'Print the back-end capabilities (vhost-user.json) and exit' })
             .option('client', { type: 'boolean', default: false, describe: 'Connect to a front-end listening on --socket (QEMU server=on), reconnecting with backoff' })
-            .option('file', { type: 'string', default: DEFAULT_BLK_IMAGE, describe: 'Disk image: a raw file or a block device (the default is created sparse, 1 GiB)' })
-            .option('readonly', { type: 'boolean', default: false, describe: 'Expose the disk read-only' })
+            .option('file', { type: 'string', alias: 'blk-file', default: DEFAULT_BLK_IMAGE, describe: 'Disk image: a raw file or a block device (the default is created sparse, 1 GiB)' })
+            .option('readonly', { type: 'boolean', alias: 'read-only', default: false, describe: 'Expose the disk read-only' })
             .option('num-queues', { type: 'number', default: 1, describe: `Request queues (1..64)` })
             .option('direct', { type: 'boolean', default: false, describe: 'Use O_DIRECT for aligned requests (bypasses the host page cache)' })
             .option('serial', { type: 'string', default: 'vhostd', describe: 'Serial number returned by GET_ID (at most 20 bytes)' })
@@ -193,6 +286,7 @@ export async function main(argv: string[]): Promise<number> {
         async (a) => {
           result = await runBlk({
             socket: a.socket,
+            fd: a.fd,
             client: a.client,
             file: a.file,
             readonly: a.readonly,
@@ -209,7 +303,9 @@ export async function main(argv: string[]): Promise<number> {
         'Serve a virtio-net device backed by a tap interface',
         (y) =>
           y
-            .option('socket', { type: 'string', default: DEFAULT_NET_SOCKET, describe: 'Unix socket path QEMU connects to' })
+            .option('socket', { type: 'string', alias: 'socket-path', describe: `Unix socket path QEMU connects to [default: ${DEFAULT_NET_SOCKET}]` })
+            .option('fd', { type: 'number', describe: 'Serve on this already-listening socket fd instead of --socket-path' })
+            .option('print-capabilities', { type: 'boolean', describe: 'Print the back-end capabilities (vhost-user.json) and exit' })
             .option('client', { type: 'boolean', default: false, describe: 'Connect to a front-end listening on --socket (QEMU server=on), reconnecting with backoff' })
             .option('tap', { type: 'string', default: DEFAULT_TAP, describe: 'Tap interface: attached if it exists, else created (and brought up)' })
             .option('persist', { type: 'boolean', default: false, describe: 'Keep a tap that vhostd created after it exits' })
@@ -231,6 +327,7 @@ export async function main(argv: string[]): Promise<number> {
         async (a) => {
           result = await runNet({
             socket: a.socket,
+            fd: a.fd,
             client: a.client,
             tap: a.tap,
             persist: a.persist,

@@ -48,6 +48,15 @@ export interface Native {
   writev(fd: number, views: ArrayBufferView[]): number;
   /** socket(2), close-on-exec; throws on failure. */
   socket(domain: number, type: number, protocol: number): number;
+  /** fcntl(2) with an integer argument: the result, or -errno. */
+  fcntl(fd: number, cmd: number, arg: number): number;
+  /** getsockopt(2) for an int-valued option: its value, or -errno. */
+  getsockoptInt(fd: number, level: number, name: number): number;
+  /**
+   * One datagram to an AF_UNIX SOCK_DGRAM socket at path ('@name' is the
+   * abstract namespace) from a fresh socket: bytes sent, or -errno.
+   */
+  sendDatagram(path: string, data: Uint8Array): number;
 }
 
 export type WatchHandle = { readonly __brand: 'WatchHandle' };
@@ -62,6 +71,20 @@ export const MFD_CLOEXEC = 1;
 export const EAGAIN = 11;
 export const EINTR = 4;
 export const EOPNOTSUPP = 95;
+export const F_GETFD = 1;
+export const F_SETFD = 2;
+export const F_GETFL = 3;
+export const F_SETFL = 4;
+export const FD_CLOEXEC = 1;
+export const O_NONBLOCK = 0o4000;
+export const SOL_SOCKET = 1;
+export const SO_TYPE = 3;
+export const SO_ACCEPTCONN = 30;
+export const SO_DOMAIN = 39;
+export const AF_UNIX = 1;
+export const SOCK_STREAM = 1;
+export const SOCK_DGRAM = 2;
+export const ENOTSOCK = 88;
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
 export const FALLOC_FL_ZERO_RANGE = 0x10;

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <node_api.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -648,6 +649,52 @@ static napi_value js_page_size(napi_env env, napi_callback_info info) {
   return make_int(env, sysconf(_SC_PAGESIZE));
 }
 
+// fcntl(fd, cmd, arg) -> result or -errno. For F_GETFL/F_SETFL/F_GETFD/F_SETFD
+// on a socket handed over by the service manager or the caller.
+static napi_value js_fcntl(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int32_t fd, cmd, arg;
+  if (get_args(env, info, 3, argv) || get_i32(env, argv[0], &fd) || get_i32(env, argv[1], &cmd) || get_i32(env, argv[2], &arg))
+    return NULL;
+  int rc = fcntl(fd, cmd, arg);
+  return make_int(env, rc < 0 ? -errno : rc);
+}
+
+// getsockoptInt(fd, level, name) -> the int option value, or -errno.
+static napi_value js_getsockopt_int(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int32_t fd, level, name;
+  if (get_args(env, info, 3, argv) || get_i32(env, argv[0], &fd) || get_i32(env, argv[1], &level) || get_i32(env, argv[2], &name))
+    return NULL;
+  int value = 0;
+  socklen_t len = sizeof value;
+  if (getsockopt(fd, level, name, &value, &len) < 0) return make_int(env, -errno);
+  return make_int(env, value);
+}
+
+// sendDatagram(path, data) -> bytes sent or -errno. One AF_UNIX SOCK_DGRAM
+// sendto on a fresh socket; a path starting with '@' names the abstract
+// namespace (the '@' becomes the leading NUL, the address length ends at the name).
+static napi_value js_send_datagram(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  struct sockaddr_un sun;
+  void *data;
+  size_t len;
+  if (get_args(env, info, 2, argv) || fill_sun(env, argv[0], &sun) || get_bytes(env, argv[1], &data, &len)) return NULL;
+  socklen_t alen = sizeof sun;
+  if (sun.sun_path[0] == '@') {
+    size_t n = strlen(sun.sun_path);
+    sun.sun_path[0] = '\0';
+    alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
+  }
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return make_int(env, -errno);
+  ssize_t n = sendto(fd, data, len, MSG_NOSIGNAL, (struct sockaddr *)&sun, alen);
+  int e = errno;
+  close(fd);
+  return make_int(env, n < 0 ? -e : n);
+}
+
 NAPI_MODULE_INIT() {
   static const struct {
     const char *name;
@@ -661,6 +708,7 @@ NAPI_MODULE_INIT() {
       {"view", js_view},       {"detach", js_detach},   {"address", js_address},
       {"pageSize", js_page_size}, {"fallocate", js_fallocate}, {"fallocateAsync", js_fallocate_async},
       {"dup", js_dup},         {"readv", js_readv},     {"setEvents", js_set_events},     {"writev", js_writev},   {"socket", js_socket},
+      {"fcntl", js_fcntl},     {"getsockoptInt", js_getsockopt_int}, {"sendDatagram", js_send_datagram},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

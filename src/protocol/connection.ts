@@ -82,6 +82,11 @@ export class Connection implements Replies {
     return this.isClosed;
   }
 
+  /** Each virtqueue's lifecycle state, for status lines. */
+  queueStates(): string[] {
+    return this.h.vrings.map((v) => v.state);
+  }
+
   get protocolFeatures(): bigint {
     return this.h.protocolFeatures;
   }

@@ -41,6 +41,11 @@ export class Server {
   private connections = 0;
   private closing = false;
 
+  /** The listening socket was handed to us (systemd, --fd): never unlink its path. */
+  private adopted = false;
+  /** Called after a front-end connects (with its id) and after it goes away (undefined). */
+  onChange: ((conn: number | undefined) => void) | undefined;
+
   private retry: NodeJS.Timeout | undefined;
   private backoff = BACKOFF_MIN_MS;
   private failures = 0;
@@ -83,6 +88,27 @@ export class Server {
     this.log.info({ socket: this.path }, 'listening');
   }
 
+  /**
+   * Serve on a socket that is already bound and listening (socket activation,
+   * --fd). It belongs to whoever passed it: on close only our fd is closed,
+   * the path stays, so the next instance (or QEMU's reconnect) finds it.
+   */
+  adoptListener(fd: number): void {
+    this.listenFd = fd;
+    this.adopted = true;
+    this.watch = native.watch(this.listenFd, POLL_READABLE, () => this.onAccept());
+    this.log.info({ socket: this.path, fd }, 'serving on an inherited listening socket');
+  }
+
+  /** Front-ends accepted so far; the id of the latest. */
+  get connectionCount(): number {
+    return this.connections;
+  }
+
+  get inherited(): boolean {
+    return this.adopted;
+  }
+
   get active(): Connection | undefined {
     return this.conn;
   }
@@ -109,9 +135,11 @@ export class Server {
     const conn = new Connection(fd, this.device, this.placement, this.log.child({ conn: id }));
     this.conn = conn;
     this.log.info({ conn: id }, 'front-end connected');
+    this.onChange?.(id);
     void conn.done.then(() => {
       if (this.conn === conn) this.conn = undefined;
       this.log.info({ conn: id }, 'connection closed; device reset, waiting for the next front-end');
+      if (!this.closing) this.onChange?.(undefined);
     });
     return conn;
   }
@@ -131,6 +159,7 @@ export class Server {
   private unlinkOwnSocket(): void {
     try {
       // Only our own socket: another instance may have replaced it since.
+      if (this.adopted) return;
       if (this.ino && lstatSync(this.path).ino === this.ino) unlinkSync(this.path);
     } catch {
       /* already gone */

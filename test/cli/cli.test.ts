@@ -4,6 +4,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, lstatSync, mkdtempSync, readFileSync, rmSync, writeFileSync, truncateSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { native } from '../../src/native/index.js';
 import { DAEMON, startVhostd } from '../e2e/daemons.js';
@@ -108,15 +109,47 @@ describe('vhostd CLI', () => {
 });
 
 describe('systemd units', () => {
+  const unitText = (unit: string): string => readFileSync(new URL(`../../systemd/${unit}`, import.meta.url), 'utf8');
   // ExecStart names the installed /usr/bin/vhostd; here it points at this build instead.
-  it.each(['vhostd-blk@.service', 'vhostd-net@.service'])('%s passes systemd-analyze verify', (unit) => {
-    const text = readFileSync(new URL(`../../systemd/${unit}`, import.meta.url), 'utf8');
-    expect(text).toMatch(/^ExecStart=\/usr\/bin\/vhostd /m);
+  const localCopy = (unit: string): string => {
+    const text = unitText(unit);
+    if (unit.endsWith('.service')) expect(text).toMatch(/^ExecStart=\/usr\/bin\/vhostd /m);
     const copy = join(dir, unit.replace('@.', '@check.'));
     writeFileSync(copy, text.replace(/^ExecStart=\/usr\/bin\/vhostd /m, `ExecStart=${process.execPath} ${DAEMON} `));
-    const r = spawnSync('systemd-analyze', ['verify', '--man=no', copy], { encoding: 'utf8' });
+    return copy;
+  };
+
+  it.each(['blk', 'net'])('vhostd-%s@.service and its .socket pass systemd-analyze verify', (kind) => {
+    // The socket unit is verified beside the service it activates.
+    const copies = [localCopy(`vhostd-${kind}@.service`), localCopy(`vhostd-${kind}@.socket`)];
+    const r = spawnSync('systemd-analyze', ['verify', '--man=no', ...copies], { encoding: 'utf8', cwd: dir });
     expect(r.error).toBeUndefined();
     expect(`${r.stdout}${r.stderr}`.trim()).toBe('');
     expect(r.status).toBe(0);
+  });
+
+  it.each(['blk', 'net'])('vhostd-%s@.service: systemd-analyze security --offline=true rates exposure <= 2.0', (kind) => {
+    const r = spawnSync('systemd-analyze', ['security', '--offline=true', '--no-pager', join(fileURLToPath(new URL('../../systemd/', import.meta.url)), `vhostd-${kind}@.service`)], { encoding: 'utf8' });
+    expect(r.error).toBeUndefined();
+    const m = /Overall exposure level for \S+: (\d+\.\d+)/.exec(r.stdout);
+    expect(m, r.stdout + r.stderr).not.toBeNull();
+    const exposure = Number(m![1]);
+    console.log(`vhostd-${kind}@.service exposure ${exposure}`);
+    expect(exposure).toBeLessThanOrEqual(2.0);
+    // The number the unit's own comment states is the one systemd computes.
+    expect(unitText(`vhostd-${kind}@.service`)).toContain(`rates this unit ${exposure.toFixed(1)}`);
+  });
+
+  it.each(['blk', 'net'])('vhostd-%s@.socket: the QEMU group may connect, and the socket outlives the daemon', (kind) => {
+    const sock = unitText(`vhostd-${kind}@.socket`);
+    for (const line of ['ListenStream=/run/vhostd/%i.sock', 'SocketMode=0660', 'SocketGroup=kvm', 'SocketUser=vhostd', 'RemoveOnStop=no']) {
+      expect(sock.split('\n')).toContain(line);
+    }
+    const svc = unitText(`vhostd-${kind}@.service`).split('\n');
+    for (const line of ['Type=notify', 'User=vhostd', 'Group=kvm', 'Restart=on-failure', 'NoNewPrivileges=yes', 'ProtectSystem=strict', 'SystemCallFilter=@system-service @pkey']) {
+      expect(svc).toContain(line);
+    }
+    expect(svc).toContain(kind === 'blk' ? 'CapabilityBoundingSet=' : 'CapabilityBoundingSet=CAP_NET_ADMIN');
+    expect(svc).toContain(kind === 'blk' ? 'RestrictAddressFamilies=AF_UNIX' : 'RestrictAddressFamilies=AF_UNIX AF_INET');
   });
 });
