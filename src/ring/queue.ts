@@ -4,10 +4,9 @@
 // executor on this thread or on a queue thread; the lifecycle is the same.
 //
 //   idle ──start──▶ running ──quiesce──▶ draining ──▶ paused ──resume──▶ running
-//     ▲               │  ▲ enable/disable    │                    │
-//     │             fail │                   │                    │
-//     │               ▼  │                   │                    │
-//     └──── stop ◀── failed ◀────────────────┴──── stop ◀─────────┘
+//                      │  (enable/disable change nothing here)
+//                      └──fail──▶ failed   (quiesce keeps it failed)
+//   any started state ──stop──▶ draining ──▶ idle
 //
 // stop (GET_VRING_BASE) drains from any started state back to idle; a failed
 // queue serves nothing until its kick fd is sent again.
