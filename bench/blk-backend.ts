@@ -7,14 +7,13 @@
 //
 // Usage: npm run bench:blk-backend [-- --rounds N --seconds S --quick
 //          --backends vhostd,qsd-io_uring --workloads 4k-randread-qd32-q1,... --verify]
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, mkdtempSync, openSync, closeSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { startVhostd, type Backend } from '../test/e2e/daemons.js';
-import { waitForPath } from '../test/e2e/guest.js';
+import { launch, startVhostd, type Backend } from '../test/e2e/daemons.js';
 import { buildLoadgen, runLoadgen, type LoadgenResult, type Rw } from './blk-backend/loadgen.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -110,39 +109,11 @@ function makeImage(path: string, bytes: number): void {
 // ---- back-ends ----
 
 function startQsd(blockdev: string, socket: string, numQueues: number): Promise<Backend> {
-  const child = spawn(
-    'qemu-storage-daemon',
-    [
-      '--blockdev', blockdev,
-      '--export',
-      `type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=${socket},writable=on,num-queues=${numQueues}`,
-    ],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  let out = '';
-  child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
-  child.stderr!.setEncoding('utf8').on('data', (d: string) => (out += d));
-  const exited = new Promise<number | null>((resolve) => child.once('close', (code) => resolve(code)));
-  const stop = async (): Promise<number | null> => {
-    if (child.exitCode === null && child.signalCode === null) {
-      child.kill('SIGTERM');
-      const t = setTimeout(() => child.kill('SIGKILL'), 10_000);
-      const code = await exited;
-      clearTimeout(t);
-      return code;
-    }
-    return exited;
-  };
-  const early = exited.then((code) => {
-    throw new Error(`qemu-storage-daemon exited early (${code}):\n${out}`);
-  });
-  return Promise.race([waitForPath(socket, 30_000), early]).then(
-    () => ({ socket, pid: child.pid!, output: () => out, stop, exited }),
-    async (e: unknown) => {
-      await stop();
-      throw e;
-    },
-  );
+  return launch('qemu-storage-daemon', [
+    '--blockdev', blockdev,
+    '--export',
+    `type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=${socket},writable=on,num-queues=${numQueues}`,
+  ], socket);
 }
 
 function startBackend(name: BackendName, dir: string, image: string): Promise<Backend> {

@@ -18,7 +18,8 @@ export interface Backend {
   exited: Promise<number | null>;
 }
 
-function launch(cmd: string, args: string[], socket: string, ready?: RegExp): Promise<Backend> {
+/** Spawn a back-end; resolves once `ready` shows in its output, or its socket exists. It is stopped if it fails to come up. */
+export function launch(cmd: string, args: string[], socket: string, ready?: RegExp): Promise<Backend> {
   const child: ChildProcess = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
