@@ -2,10 +2,10 @@
 // RESET_OWNER, kick fds before the ring, large rings), and one that floods
 // the socket while a reply is pending. vhostd only.
 import { ftruncateSync } from 'node:fs';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeEach, describe, expect, it } from 'vitest';
 import { native, EAGAIN, EFD_CLOEXEC, EFD_NONBLOCK, EINTR, MFD_CLOEXEC } from '../../src/native/index.js';
-import { startBackend, type Backend } from './backends.js';
-import { annotate, expectBytes, waitFor } from './helpers.js';
+import type { Backend } from './backends.js';
+import { annotate, expectBytes, useBackend, waitFor } from './helpers.js';
 import { fdCount, rssKiB, sleep } from './inflight-helpers.js';
 import { BlkQueue, randomBytes, S, T } from '../driver/blk.js';
 import { GiB, MiB } from '../driver/guest.js';
@@ -97,12 +97,10 @@ async function session(be: Backend, fn: (s: Session) => Promise<void>): Promise<
 }
 
 describe('a front-end that pipelines', { timeout: 60_000 }, () => {
+  const backend = useBackend('vhostd', { numQueues: 64 });
   let be: Backend;
-  beforeAll(async () => {
-    be = await startBackend('vhostd', { numQueues: 64 });
-  }, 30_000);
-  afterAll(async () => {
-    await be?.stop();
+  beforeEach(() => {
+    be = backend();
   });
 
   it('64 blk queues set up in one burst without need_reply, then a round trip and I/O on queue 63', async () => {
@@ -140,12 +138,10 @@ describe('a front-end that pipelines', { timeout: 60_000 }, () => {
 });
 
 describe('a front-end that reads its replies late', { timeout: 60_000 }, () => {
+  const backend = useBackend('vhostd', { numQueues: 2 });
   let be: Backend;
-  beforeAll(async () => {
-    be = await startBackend('vhostd', { numQueues: 2 });
-  }, 30_000);
-  afterAll(async () => {
-    await be?.stop();
+  beforeEach(() => {
+    be = backend();
   });
 
   it('2000 need_reply messages sent before reading any reply: every ack arrives, in order, and the connection stays', async () => {
@@ -167,12 +163,10 @@ describe('a front-end that reads its replies late', { timeout: 60_000 }, () => {
 });
 
 describe('a hostile front-end', { timeout: 90_000 }, () => {
+  const backend = useBackend('vhostd', { numQueues: 2 });
   let be: Backend;
-  beforeAll(async () => {
-    be = await startBackend('vhostd', { numQueues: 2 });
-  }, 30_000);
-  afterAll(async () => {
-    await be?.stop();
+  beforeEach(() => {
+    be = backend();
   });
 
   it('floods fds and messages while GET_VRING_BASE drains: the daemon stops reading, memory and fds stay bounded', async () => {
@@ -268,12 +262,10 @@ describe('a hostile front-end', { timeout: 90_000 }, () => {
 });
 
 describe('an unusual front-end', { timeout: 90_000 }, () => {
+  const backend = useBackend('vhostd', { numQueues: 2 });
   let be: Backend;
-  beforeAll(async () => {
-    be = await startBackend('vhostd', { numQueues: 2 });
-  }, 30_000);
-  afterAll(async () => {
-    await be?.stop();
+  beforeEach(() => {
+    be = backend();
   });
 
   it('509 memory slots: a duplicate of a mapped region is accepted when all are in use, the 510th is refused', async () => {
