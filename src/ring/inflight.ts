@@ -168,5 +168,4 @@ export class InflightQueue {
   caughtUp(usedIdx: number): void {
     this.dv.setUint16(OFF_USED_IDX, usedIdx, true);
   }
-
 }
