@@ -1824,7 +1824,13 @@ async function selfFeed(fz: RingFuzzer, gen: Gen): Promise<Judged> {
   q.size = 64;
   new Uint8Array(q.desc.buffer, q.desc.byteOffset, 16 * 1024).fill(0);
   const h = gen.header(T.GET_ID, 0);
-  const buf = gen.wbuf(21)!;
+  // W may be full this late in an epoch: check it and start a new one, as the main loop does.
+  let buf = gen.wbuf(21);
+  if (buf === undefined) {
+    const bad = fz.checkW(gen);
+    if (bad) return { kind: 'ok', error: bad };
+    buf = gen.wbuf(21)!;
+  }
   putDesc(q.desc, 0, { addr: BigInt(h), len: 16, flags: DESC_F_NEXT, next: 1 });
   putDesc(q.desc, 1, { addr: BigInt(buf), len: 21, flags: DESC_F_WRITE, next: 0 });
   for (let i = 0; i < 64; i++) q.avail[2 + i] = 0;
@@ -2029,7 +2035,10 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
       try {
         res = await runInput(fz, gen, p);
       } catch (e) {
-        res = { kind: 'ok', error: `control connection: ${(e as Error).message}`, hung: true };
+        // A TypeError or RangeError is the fuzzer's own bug: show where, so it is not mistaken for the daemon's.
+        const err = e as Error;
+        const own = err instanceof TypeError || err instanceof RangeError;
+        res = { kind: 'ok', error: own ? `fuzzer bug while running the input: ${err.stack}` : `control connection: ${err.message}`, hung: true };
       }
       inputs++;
       ticker.messages += p.heads.length;
