@@ -4,7 +4,7 @@ import { dirname } from 'node:path';
 import { pino, type Logger } from 'pino';
 import yargs from 'yargs';
 import { BlkDevice, MAX_QUEUE_SIZE } from './backends/blk/blk-device.js';
-import { Image } from './backends/blk/image.js';
+import { Image, type Aio } from './backends/blk/image.js';
 import { NetDevice } from './backends/net/net-device.js';
 import { Placement } from './ring/placement.js';
 import { Tap } from './backends/net/tap.js';
@@ -83,6 +83,7 @@ interface BlkArgs {
   readonly: boolean;
   numQueues: number;
   direct: boolean;
+  aio: Aio;
   serial: string;
   logicalBlockSize: number;
   logLevel: string;
@@ -179,7 +180,7 @@ async function runBlk(args: BlkArgs): Promise<number> {
 
   let image: Image;
   try {
-    image = new Image({ path: args.file, readonly: args.readonly, direct: args.direct });
+    image = new Image({ path: args.file, readonly: args.readonly, direct: args.direct, aio: args.aio });
   } catch (e) {
     throw new UsageError(`cannot open image ${args.file}: ${(e as Error).message}`);
   }
@@ -190,8 +191,9 @@ async function runBlk(args: BlkArgs): Promise<number> {
     { image, numQueues: args.numQueues, serial: args.serial, logicalBlockSize: args.logicalBlockSize },
     log,
   );
-  log.info({ file: args.file, bytes: image.size, readonly: args.readonly, direct: image.direct }, 'image opened');
-  // blk queues share the daemon's thread: their file I/O already runs on libuv's pool.
+  log.info({ file: args.file, bytes: image.size, readonly: args.readonly, direct: image.direct, aio: image.aio }, 'image opened');
+  if (image.aioNote && args.aio === 'auto') log.warn({ reason: image.aioNote }, 'io_uring unavailable: image I/O runs on the thread pool');
+  // blk queues share the daemon's thread: the kernel (io_uring) or libuv's pool does the file I/O.
   const placement = new Placement(device, { threads: 0, logLevel: args.logLevel, name: 'blk' });
   return serve(device, placement, listener, log, qemuCommandLine(listener.path, args.numQueues), () => image.close());
 }
@@ -271,6 +273,7 @@ export async function main(argv: string[]): Promise<number> {
             .option('readonly', { type: 'boolean', alias: 'read-only', default: false, describe: 'Expose the disk read-only' })
             .option('num-queues', { type: 'number', default: 1, describe: `Request queues (1..64)` })
             .option('direct', { type: 'boolean', default: false, describe: 'Use O_DIRECT for aligned requests (bypasses the host page cache)' })
+            .option('aio', { type: 'string', default: 'auto', choices: ['auto', 'io_uring', 'threads'], describe: 'Image I/O: io_uring, the thread pool, or io_uring where the kernel allows it' })
             .option('serial', { type: 'string', default: 'vhostd', describe: 'Serial number returned by GET_ID (at most 20 bytes)' })
             .option('logical-block-size', { type: 'number', default: 512, describe: 'Logical block size: 512 or 4096' })
             .option('log-level', { type: 'string', default: 'info', choices: LEVELS, describe: 'pino log level' })
@@ -292,6 +295,7 @@ export async function main(argv: string[]): Promise<number> {
             readonly: a.readonly,
             numQueues: a['num-queues'],
             direct: a.direct,
+            aio: a.aio as Aio,
             serial: a.serial,
             logicalBlockSize: a['logical-block-size'],
             logLevel: a['log-level'],

@@ -57,6 +57,12 @@ export interface Native {
    * abstract namespace) from a fresh socket: bytes sent, or -errno.
    */
   sendDatagram(path: string, data: Uint8Array): number;
+  /** io_uring_setup(2): params is struct io_uring_params (120 bytes, filled in); the ring fd, or -errno. */
+  ioUringSetup(entries: number, params: Uint8Array): number;
+  /** io_uring_enter(2) without a signal mask: the number submitted, or -errno. */
+  ioUringEnter(fd: number, toSubmit: number, minComplete: number, flags: number): number;
+  /** io_uring_register(2): the result, or -errno. */
+  ioUringRegister(fd: number, opcode: number, arg: ArrayBufferView | null, nrArgs: number): number;
 }
 
 export type WatchHandle = { readonly __brand: 'WatchHandle' };

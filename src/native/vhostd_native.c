@@ -15,6 +15,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -695,6 +696,49 @@ static napi_value js_send_datagram(napi_env env, napi_callback_info info) {
   return make_int(env, n < 0 ? -e : n);
 }
 
+// ---- io_uring: the three syscalls; the rings themselves are mmap()ed and driven from TypeScript ----
+
+// ioUringSetup(entries, params) -> ring fd, or -errno. params: the 120-byte struct io_uring_params.
+static napi_value js_io_uring_setup(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t entries;
+  void *params;
+  size_t len;
+  if (get_args(env, info, 2, argv) || get_i32(env, argv[0], &entries) || get_bytes(env, argv[1], &params, &len)) return NULL;
+  if (len < 120) {
+    napi_throw_range_error(env, NULL, "vhostd_native: io_uring_params needs 120 bytes");
+    return NULL;
+  }
+  long rc = syscall(SYS_io_uring_setup, (unsigned)entries, params);
+  return make_int(env, rc < 0 ? -errno : rc);
+}
+
+// ioUringEnter(fd, toSubmit, minComplete, flags) -> submitted count, or -errno.
+static napi_value js_io_uring_enter(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int32_t fd, submit, complete, flags;
+  if (get_args(env, info, 4, argv) || get_i32(env, argv[0], &fd) || get_i32(env, argv[1], &submit) ||
+      get_i32(env, argv[2], &complete) || get_i32(env, argv[3], &flags))
+    return NULL;
+  long rc = syscall(SYS_io_uring_enter, fd, (unsigned)submit, (unsigned)complete, (unsigned)flags, NULL, 0);
+  return make_int(env, rc < 0 ? -errno : rc);
+}
+
+// ioUringRegister(fd, opcode, arg, nrArgs) -> result, or -errno. arg: a typed array, or null.
+static napi_value js_io_uring_register(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int32_t fd, opcode, nr;
+  void *arg = NULL;
+  size_t len;
+  napi_valuetype t;
+  if (get_args(env, info, 4, argv) || get_i32(env, argv[0], &fd) || get_i32(env, argv[1], &opcode) || get_i32(env, argv[3], &nr))
+    return NULL;
+  napi_typeof(env, argv[2], &t);
+  if (t != napi_null && get_bytes(env, argv[2], &arg, &len)) return NULL;
+  long rc = syscall(SYS_io_uring_register, fd, (unsigned)opcode, arg, (unsigned)nr);
+  return make_int(env, rc < 0 ? -errno : rc);
+}
+
 NAPI_MODULE_INIT() {
   static const struct {
     const char *name;
@@ -709,6 +753,7 @@ NAPI_MODULE_INIT() {
       {"pageSize", js_page_size}, {"fallocate", js_fallocate}, {"fallocateAsync", js_fallocate_async},
       {"dup", js_dup},         {"readv", js_readv},     {"setEvents", js_set_events},     {"writev", js_writev},   {"socket", js_socket},
       {"fcntl", js_fcntl},     {"getsockoptInt", js_getsockopt_int}, {"sendDatagram", js_send_datagram},
+      {"ioUringSetup", js_io_uring_setup}, {"ioUringEnter", js_io_uring_enter}, {"ioUringRegister", js_io_uring_register},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

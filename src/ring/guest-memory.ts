@@ -67,12 +67,24 @@ export interface Place {
 let generations = 0;
 const nextGeneration = (): number => ++generations;
 
+/** Where each window's bytes start in this process, for I/O the kernel does straight into guest memory. */
+const windowAddress = new WeakMap<ArrayBufferLike, number>();
+
+/** The address of a view's first byte, if it is a view of guest memory (no native call, no BigInt). */
+export function hostAddress(view: Uint8Array): number | undefined {
+  const base = windowAddress.get(view.buffer);
+  return base === undefined ? undefined : base + view.byteOffset;
+}
+
 /** Overlapping windows over `size` mapped bytes at `address` (see the top of this file). */
 function windowsOver(address: bigint, size: number): Uint8Array[] {
   const windows: Uint8Array[] = [];
   for (let start = 0; start < size; start += WINDOW_SIZE) {
     const len = Math.min(WINDOW_SIZE + WINDOW_OVERLAP, size - start);
-    windows.push(new Uint8Array(native.view(address + BigInt(start), len)));
+    const at = address + BigInt(start);
+    const buffer = native.view(at, len);
+    windowAddress.set(buffer, Number(at));
+    windows.push(new Uint8Array(buffer));
   }
   return windows;
 }

@@ -1,42 +1,13 @@
-// Durability as the syscalls show it: strace on the daemon proves that a
-// FLUSH completes only after fdatasync returned, and that with writeback off a
-// write goes through an O_DSYNC descriptor (opened when the image is) before it completes.
-import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+// Durability as the kernel shows it: a FLUSH completes only after an fdatasync
+// of the image returned, and with writeback off a write is synced before it
+// completes. Both I/O engines: with io_uring the syncs run in io-wq kernel
+// threads, which strace cannot see, so ext4's own tracepoints are read (the
+// test images live on ext4), bracketed by markers written around the request.
+import { readdirSync, readFileSync, readlinkSync, statSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { S, T } from '../driver/blk.js';
-import { strace } from '../support/strace.js';
+import { ftrace, type TraceEvent } from '../support/ftrace.js';
 import { useBackend, withSession } from './helpers.js';
-
-interface Syscall {
-  /** Seconds since midnight (UTC), when the call started and ended. */
-  start: number;
-  end: number;
-  name: string;
-  args: string;
-  ret: string;
-}
-
-function secondsOfDay(ms: number): number {
-  const d = new Date(ms);
-  return d.getUTCHours() * 3600 + d.getUTCMinutes() * 60 + d.getUTCSeconds() + d.getUTCMilliseconds() / 1000;
-}
-
-/** strace -f on a running daemon, recording I/O syscalls with start times and durations. */
-async function trace(pid: number): Promise<{ stop(): Promise<Syscall[]> }> {
-  const t = await strace(pid, ['openat', 'pwritev', 'pwritev2', 'pwrite64', 'fdatasync', 'fsync'], ['-tt', '-T']);
-  return {
-    async stop() {
-      const calls: Syscall[] = [];
-      for (const line of await t.stop()) {
-        const m = /^\d+\s+(\d+):(\d+):(\d+\.\d+) (\w+)\((.*)\)\s+= (\S+).*<(\d+\.\d+)>$/.exec(line);
-        if (!m) continue;
-        const start = Number(m[1]) * 3600 + Number(m[2]) * 60 + Number(m[3]);
-        calls.push({ start, end: start + Number(m[7]), name: m[4]!, args: m[5]!, ret: m[6]! });
-      }
-      return calls;
-    },
-  };
-}
 
 const O_DSYNC = 0o10000;
 
@@ -56,46 +27,75 @@ function dsyncFd(pid: number, path: string): string | undefined {
   return undefined;
 }
 
-describe('durability (vhostd, seen through strace)', () => {
-  const be = useBackend('vhostd');
+/** Run `request` between two markers; the ext4 sync events of `ino` between them. */
+async function syncsDuring(ino: number, request: () => Promise<void>): Promise<TraceEvent[]> {
+  const tr = ftrace(['ext4/ext4_sync_file_enter', 'ext4/ext4_sync_file_exit']);
+  try {
+    tr.mark('vhostd-test: request sent');
+    await request();
+    tr.mark('vhostd-test: completion seen');
+    const all = tr.read();
+    const from = all.findIndex((e) => e.text.includes('vhostd-test: request sent'));
+    const to = all.findIndex((e) => e.text.includes('vhostd-test: completion seen'));
+    expect(from, 'both markers in the trace').toBeGreaterThanOrEqual(0);
+    expect(to).toBeGreaterThan(from);
+    return all.slice(from + 1, to).filter((e) => new RegExp(`\\bino ${ino}\\b`).test(e.text));
+  } finally {
+    tr.close();
+  }
+}
 
-  it('completes FLUSH only after fdatasync has returned', async () => {
+/** A datasync of the image that ran to completion (enter with datasync 1, then exit with ret 0). */
+function completedDatasync(events: TraceEvent[]): boolean {
+  const enter = events.findIndex((e) => e.event === 'ext4_sync_file_enter' && /datasync 1/.test(e.text));
+  return enter >= 0 && events.slice(enter + 1).some((e) => e.event === 'ext4_sync_file_exit' && /ret 0/.test(e.text));
+}
+
+describe.each(['io_uring', 'threads'] as const)('durability with --aio %s (ext4 tracepoints)', (aio) => {
+  const be = useBackend('vhostd', { extraArgs: ['--aio', aio] });
+
+  it('runs on the engine asked for', () => {
+    expect(be().output()).toMatch(new RegExp(`"aio":"${aio}"`));
+  });
+
+  it('completes FLUSH only after an fdatasync of the image has returned', async () => {
     await withSession(be(), async (s) => {
       await s.startDevice({ queues: 1 });
       const q = s.blk[0]!;
       expect((await q.run({ type: T.OUT, sector: 8, out: new Uint8Array(4096).fill(7) })).status).toBe(S.OK);
-      const tr = await trace(be().proc.pid!);
-      const before = secondsOfDay(Date.now());
-      const r = await q.run({ type: T.FLUSH });
-      const after = secondsOfDay(Date.now());
-      const calls = await tr.stop();
-      expect(r.status).toBe(S.OK);
-      const syncs = calls.filter((c) => c.name === 'fdatasync' && c.ret === '0');
-      expect(syncs.length, 'an fdatasync during the FLUSH').toBeGreaterThan(0);
-      // It started after the request was sent and returned before the completion was seen.
-      expect(syncs.some((c) => c.start >= before - 0.001 && c.end <= after + 0.001)).toBe(true);
+      const events = await syncsDuring(statSync(be().image).ino, async () => {
+        expect((await q.run({ type: T.FLUSH })).status).toBe(S.OK);
+      });
+      expect(completedDatasync(events), `a datasync of the image inside the FLUSH; saw ${JSON.stringify(events)}`).toBe(true);
     });
   });
 
-  it('with writeback off, writes go through O_DSYNC before they complete', async () => {
+  it('with writeback off, syncs each write before completing it', async () => {
     await withSession(be(), async (s) => {
       await s.startDevice({ queues: 1 });
-      const tr = await trace(be().proc.pid!);
       expect(await s.fe.setConfig(32, Uint8Array.of(0))).toBe(0n); // writeback byte: write through
-      const before = secondsOfDay(Date.now());
-      const r = await s.blk[0]!.run({ type: T.OUT, sector: 16, out: new Uint8Array(4096).fill(9) });
-      const after = secondsOfDay(Date.now());
-      const calls = await tr.stop();
-      expect(r.status).toBe(S.OK);
-      // The image opens its O_DSYNC descriptor at start (not in the middle of a request): find it in /proc.
-      const fd = dsyncFd(be().proc.pid!, be().image);
-      expect(fd, 'an O_DSYNC descriptor on the image').toBeDefined();
-      const write = calls.find((c) => c.name.startsWith('pwrite') && c.args.startsWith(`${fd},`));
-      expect(write, `a write through fd ${fd}`).toBeDefined();
-      expect(write!.start).toBeGreaterThanOrEqual(before - 0.001);
-      expect(write!.end).toBeLessThanOrEqual(after + 0.001);
-      // Back to writeback for the tests after this one.
-      expect(await s.fe.setConfig(32, Uint8Array.of(1))).toBe(0n);
+      try {
+        const events = await syncsDuring(statSync(be().image).ino, async () => {
+          expect((await s.blk[0]!.run({ type: T.OUT, sector: 16, out: new Uint8Array(4096).fill(9) })).status).toBe(S.OK);
+        });
+        expect(completedDatasync(events), `a datasync of the image inside the write; saw ${JSON.stringify(events)}`).toBe(true);
+        if (aio === 'threads') {
+          // The O_DSYNC descriptor is opened with the image, not in the middle of a request.
+          expect(dsyncFd(be().proc.pid!, be().image), 'an O_DSYNC descriptor on the image').toBeDefined();
+        }
+      } finally {
+        expect(await s.fe.setConfig(32, Uint8Array.of(1))).toBe(0n); // back to writeback
+      }
+    });
+  });
+
+  it('with writeback on, a plain write completes without a sync', async () => {
+    await withSession(be(), async (s) => {
+      await s.startDevice({ queues: 1 });
+      const events = await syncsDuring(statSync(be().image).ino, async () => {
+        expect((await s.blk[0]!.run({ type: T.OUT, sector: 24, out: new Uint8Array(4096).fill(3) })).status).toBe(S.OK);
+      });
+      expect(events, 'no sync of the image for a cached write').toEqual([]);
     });
   });
 });

@@ -210,6 +210,7 @@ export class BlkDevice implements Device {
       const r = q.free.pop() ?? new Request(q, this.done);
       if (!q.exec.pop(r.chain)) {
         q.free.push(r);
+        this.image.submit(); // the whole run's reads and writes in one io_uring_enter
         return 'idle';
       }
       this.handle(r);
