@@ -62,9 +62,9 @@ for (const rw of ['randread', 'randwrite'] as const)
 FULL.push(wl('read', 65536, 8, 1), wl('write', 65536, 8, 1));
 const QUICK: Workload[] = [wl('randread', 4096, 1, 1), wl('randread', 4096, 32, 1), wl('randwrite', 4096, 32, 2), wl('read', 65536, 8, 1)];
 
-const BACKENDS = ['vhostd', 'qsd-threads', 'qsd-io_uring', 'qsd-null'] as const;
+const BACKENDS = ['vhostd', 'vhostd-threads', 'qsd-threads', 'qsd-io_uring', 'qsd-null'] as const;
 type BackendName = (typeof BACKENDS)[number];
-const REAL: BackendName[] = ['vhostd', 'qsd-threads', 'qsd-io_uring'];
+const REAL: BackendName[] = ['vhostd', 'vhostd-threads', 'qsd-threads', 'qsd-io_uring'];
 const MAX_QUEUES = 2;
 
 const pick = <T extends string>(list: string | undefined, all: readonly T[], what: string): T[] => {
@@ -121,7 +121,9 @@ function startBackend(name: BackendName, dir: string, image: string): Promise<Ba
   rmSync(socket, { force: true });
   switch (name) {
     case 'vhostd':
-      return startVhostd(['--file', image, '--num-queues', String(MAX_QUEUES), '--log-level', 'warn'], socket);
+      return startVhostd(['--file', image, '--num-queues', String(MAX_QUEUES), '--log-level', 'warn', '--aio', 'io_uring'], socket);
+    case 'vhostd-threads':
+      return startVhostd(['--file', image, '--num-queues', String(MAX_QUEUES), '--log-level', 'warn', '--aio', 'threads'], socket);
     case 'qsd-threads':
       return startQsd(`driver=file,node-name=f0,filename=${image},aio=threads,cache.direct=off`, socket, MAX_QUEUES);
     case 'qsd-io_uring':
@@ -256,7 +258,9 @@ async function verify(dir: string): Promise<void> {
     ['qsd-io_uring', 'read', 1001],
     ['qsd-io_uring', 'write', 2002],
     ['vhostd', 'read', 2002],
-    ['qsd-threads', 'read', 2002],
+    ['vhostd-threads', 'write', 3003],
+    ['vhostd', 'read', 3003],
+    ['qsd-threads', 'read', 3003],
   ];
   for (const [name, op, seed] of steps) {
     const b = await startBackend(name, dir, image);
