@@ -1,8 +1,9 @@
 // `vhostd blk ...`: argument parsing, logging, start-up checks and signals.
 import { closeSync, existsSync, mkdirSync, openSync, ftruncateSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { basename, dirname } from 'node:path';
 import { pino, type Logger } from 'pino';
-import yargs from 'yargs';
+import pretty from 'pino-pretty';
+import yargs, { type Argv } from 'yargs';
 import { BlkDevice, MAX_QUEUE_SIZE } from './backends/blk/blk-device.js';
 import { Image, type Aio } from './backends/blk/image.js';
 import { NetDevice } from './backends/net/net-device.js';
@@ -12,6 +13,9 @@ import type { Device } from './device.js';
 import { native } from './native/index.js';
 import { Server } from './protocol/server.js';
 import { listenFds, ListenFdError, Notifier, prepareListener } from './systemd.js';
+import { ControlServer, defaultControlPath, request } from './control.js';
+import { Metrics } from './metrics.js';
+import { formatStats, Stats, type StatsSnapshot } from './stats.js';
 
 export const DEFAULT_BLK_SOCKET = '/run/vhostd/blk0.sock';
 export const DEFAULT_BLK_IMAGE = '/var/lib/vhostd/default.img';
@@ -75,7 +79,38 @@ function statusLine(kind: string, server: Server, socket: string, queues: number
   return `${kind}: front-end connected (connection ${server.connectionCount}); queues: ${summary}`;
 }
 
-interface BlkArgs {
+/** Operations options every device takes. */
+interface OpsArgs {
+  /** Control socket path, 'none', or undefined for the default next to the socket. */
+  control: string | undefined;
+  metrics: string | undefined;
+  id: string | undefined;
+  logLevel: string;
+}
+
+/** pino JSON for journals and pipes; readable lines on a terminal. Every line names the device. */
+function makeLogger(level: string, device: string): Logger {
+  const opts = { name: 'vhostd', level };
+  const base = process.stdout.isTTY ? pino(opts, pretty({ sync: true, colorize: true })) : pino(opts);
+  return base.child({ device });
+}
+
+/** The id in logs and metrics: --id, else the socket's file name without .sock. */
+function deviceId(args: OpsArgs, listener: Listener, kind: string): string {
+  if (args.id) return args.id;
+  if (listener.kind === 'fd' && listener.path.startsWith('fd ')) return `${kind}-${listener.path.slice(3)}`;
+  return basename(listener.path).replace(/\.sock$/, '');
+}
+
+function addOpsOptions<T>(y: Argv<T>) {
+  return y
+    .option('control', { type: 'string', describe: 'Control socket for vhostd stats [default: the socket path with .ctl for .sock]; none turns it off' })
+    .option('metrics', { type: 'string', describe: 'Serve Prometheus metrics on http://HOST:PORT/metrics (off by default)' })
+    .option('id', { type: 'string', describe: 'Device id in logs and metrics [default: the socket file name]' })
+    .option('log-level', { type: 'string', default: 'info', choices: LEVELS, describe: 'pino log level' });
+}
+
+interface BlkArgs extends OpsArgs {
   socket: string | undefined;
   fd: number | undefined;
   client: boolean;
@@ -86,7 +121,6 @@ interface BlkArgs {
   aio: Aio;
   serial: string;
   logicalBlockSize: number;
-  logLevel: string;
 }
 
 export function qemuCommandLine(socket: string, numQueues: number): string {
@@ -112,7 +146,12 @@ export function qemuNetCommandLine(socket: string, pairs: number, mtu?: number):
 }
 
 /** Listen, print how to attach, serve until SIGTERM/SIGINT, then drain and release. */
-async function serve(device: Device, placement: Placement, listener: Listener, log: Logger, attach: string, release: () => void | Promise<void>): Promise<number> {
+async function serve(device: Device, placement: Placement, listener: Listener, ops: OpsArgs, log: Logger, attach: string, release: () => void | Promise<void>): Promise<number> {
+  // Signals are caught from the start: a stop that comes while we set up still drains and cleans up.
+  const signalled = new Promise<string>((resolve) => {
+    process.once('SIGTERM', () => resolve('SIGTERM'));
+    process.once('SIGINT', () => resolve('SIGINT'));
+  });
   const socket = listener.path;
   const server = new Server(socket, device, placement, log);
   const notifier = new Notifier();
@@ -134,7 +173,27 @@ async function serve(device: Device, placement: Placement, listener: Listener, l
       throw new UsageError(`cannot listen on ${socket}: ${(e as Error).message}`);
     }
   }
-  log.info({ socket, client, inherited: listener.kind === 'fd', queues: device.queueNum }, `vhost-user-${device.kind} ready`);
+  const stats = new Stats(log.bindings().device as string, socket, device, placement, server);
+  let control: ControlServer | undefined;
+  let metrics: Metrics | undefined;
+  const controlPath = ops.control ?? (listener.kind === 'fd' && socket.startsWith('fd ') ? undefined : defaultControlPath(socket));
+  try {
+    if (controlPath && controlPath !== 'none') {
+      control = await ControlServer.listen(controlPath, (cmd) => {
+        if (cmd === 'stats') return stats.snapshot();
+        throw new Error(`unknown command ${JSON.stringify(cmd.slice(0, 40))}; the control socket knows: stats`);
+      }, log);
+    }
+    if (ops.metrics) metrics = await Metrics.listen(ops.metrics, () => stats.snapshot(), log);
+  } catch (e) {
+    stats.close();
+    await control?.close();
+    await server.close();
+    await placement.close();
+    await release();
+    throw new UsageError(`${metrics || !control ? '--metrics' : '--control'}: ${(e as Error).message}`);
+  }
+  log.info({ socket, client, inherited: listener.kind === 'fd', queues: device.queueNum, control: control?.path ?? null, metrics: metrics ? `${ops.metrics!.replace(/:\d+$/, '')}:${metrics.port}` : null }, `vhost-user-${device.kind} ready`);
   const how = client ? attach.replace(/-chardev socket,id=c0,path=(\S+)/, '-chardev socket,id=c0,path=$1,server=on,wait=off') : attach;
   process.stdout.write(`# attach with:\n${how}\n`);
 
@@ -147,14 +206,14 @@ async function serve(device: Device, placement: Placement, listener: Listener, l
   const watchdogMs = notifier.startWatchdog();
   if (watchdogMs !== undefined) log.info({ intervalMs: watchdogMs }, 'systemd watchdog enabled');
 
-  const signal = await new Promise<string>((resolve) => {
-    process.once('SIGTERM', () => resolve('SIGTERM'));
-    process.once('SIGINT', () => resolve('SIGINT'));
-  });
+  const signal = await signalled;
   if (refresh) clearInterval(refresh);
   notifier.stopping(`${device.kind}: stopping (${signal}), draining requests in flight`);
   log.info({ signal }, 'shutting down: draining requests in flight');
   await server.close();
+  stats.close();
+  await control?.close();
+  await metrics?.close();
   await placement.close();
   await release();
   log.info('stopped');
@@ -174,7 +233,7 @@ function ensureDefaultImage(path: string, log: Logger): void {
 
 async function runBlk(args: BlkArgs): Promise<number> {
   const listener = chooseListener(args, DEFAULT_BLK_SOCKET);
-  const log = pino({ name: 'vhostd', level: args.logLevel });
+  const log = makeLogger(args.logLevel, deviceId(args, listener, 'blk'));
   if (args.file === DEFAULT_BLK_IMAGE) ensureDefaultImage(args.file, log);
   if (listener.kind === 'path' && listener.path === DEFAULT_BLK_SOCKET) mkdirSync(dirname(listener.path), { recursive: true });
 
@@ -195,10 +254,10 @@ async function runBlk(args: BlkArgs): Promise<number> {
   if (image.aioNote && args.aio === 'auto') log.warn({ reason: image.aioNote }, 'io_uring unavailable: image I/O runs on the thread pool');
   // blk queues share the daemon's thread: the kernel (io_uring) or libuv's pool does the file I/O.
   const placement = new Placement(device, { threads: 0, logLevel: args.logLevel, name: 'blk' });
-  return serve(device, placement, listener, log, qemuCommandLine(listener.path, args.numQueues), () => image.close());
+  return serve(device, placement, listener, args, log, qemuCommandLine(listener.path, args.numQueues), () => image.close());
 }
 
-interface NetArgs {
+interface NetArgs extends OpsArgs {
   socket: string | undefined;
   fd: number | undefined;
   client: boolean;
@@ -207,12 +266,11 @@ interface NetArgs {
   numQueues: number;
   threads: number | undefined;
   mtu: number | undefined;
-  logLevel: string;
 }
 
 async function runNet(args: NetArgs): Promise<number> {
   const listener = chooseListener(args, DEFAULT_NET_SOCKET);
-  const log = pino({ name: 'vhostd', level: args.logLevel });
+  const log = makeLogger(args.logLevel, deviceId(args, listener, 'net'));
   if (listener.kind === 'path' && listener.path === DEFAULT_NET_SOCKET) mkdirSync(dirname(listener.path), { recursive: true });
   let tap: Tap;
   try {
@@ -232,10 +290,30 @@ async function runNet(args: NetArgs): Promise<number> {
   log.info({ tap: tap.name, created: tap.created, persist: args.persist, queuePairs: args.numQueues, threads: args.threads ?? args.numQueues }, 'tap opened');
   const device = new NetDevice({ tap, queuePairs: args.numQueues, mtu: args.mtu }, log);
   const placement = new Placement(device, { threads: args.threads ?? args.numQueues, logLevel: args.logLevel, name: 'net' });
-  return serve(device, placement, listener, log, qemuNetCommandLine(listener.path, args.numQueues, args.mtu), async () => {
+  return serve(device, placement, listener, args, log, qemuNetCommandLine(listener.path, args.numQueues, args.mtu), async () => {
     log.info({ stats: device.stats }, 'traffic totals');
     tap.close();
   });
+}
+
+async function printStats(path: string, json: boolean, watch: number | undefined): Promise<number> {
+  const once = async (): Promise<void> => {
+    const snap = (await request(path, 'stats')) as StatsSnapshot & { error?: string };
+    if (snap.error) throw new UsageError(`${path}: ${snap.error}`);
+    process.stdout.write(json ? `${JSON.stringify(snap)}\n` : `${formatStats(snap)}\n`);
+  };
+  try {
+    await once();
+    if (watch === undefined) return 0;
+    const every = Number.isFinite(watch) && watch > 0 ? watch : 2;
+    for (;;) {
+      await new Promise((r) => setTimeout(r, every * 1000));
+      if (!json && process.stdout.isTTY) process.stdout.write('\x1b[H\x1b[2J');
+      await once();
+    }
+  } catch (e) {
+    throw e instanceof UsageError ? e : new UsageError((e as Error).message);
+  }
 }
 
 function positiveInt(name: string, v: number, max: number): number {
@@ -264,7 +342,7 @@ export async function main(argv: string[]): Promise<number> {
         'blk',
         'Serve a virtio-blk device backed by an image file',
         (y) =>
-          y
+          addOpsOptions(y)
             .option('socket', { type: 'string', alias: 'socket-path', describe: `Unix socket path QEMU connects to [default: ${DEFAULT_BLK_SOCKET}]` })
             .option('fd', { type: 'number', describe: 'Serve on this already-listening socket fd instead of --socket-path' })
             .option('print-capabilities', { type: 'boolean', describe: 'Print the back-end capabilities (vhost-user.json) and exit' })
@@ -276,7 +354,6 @@ export async function main(argv: string[]): Promise<number> {
             .option('aio', { type: 'string', default: 'auto', choices: ['auto', 'io_uring', 'threads'], describe: 'Image I/O: io_uring, the thread pool, or io_uring where the kernel allows it' })
             .option('serial', { type: 'string', default: 'vhostd', describe: 'Serial number returned by GET_ID (at most 20 bytes)' })
             .option('logical-block-size', { type: 'number', default: 512, describe: 'Logical block size: 512 or 4096' })
-            .option('log-level', { type: 'string', default: 'info', choices: LEVELS, describe: 'pino log level' })
             .example('$0 blk --socket /run/vhostd/disk0.sock --file /var/lib/images/disk0.img --num-queues 2', '')
             .check((a) => {
               positiveInt('num-queues', a['num-queues'], 64);
@@ -299,6 +376,9 @@ export async function main(argv: string[]): Promise<number> {
             serial: a.serial,
             logicalBlockSize: a['logical-block-size'],
             logLevel: a['log-level'],
+            control: a.control,
+            metrics: a.metrics,
+            id: a.id,
           });
         },
       )
@@ -306,7 +386,7 @@ export async function main(argv: string[]): Promise<number> {
         'net',
         'Serve a virtio-net device backed by a tap interface',
         (y) =>
-          y
+          addOpsOptions(y)
             .option('socket', { type: 'string', alias: 'socket-path', describe: `Unix socket path QEMU connects to [default: ${DEFAULT_NET_SOCKET}]` })
             .option('fd', { type: 'number', describe: 'Serve on this already-listening socket fd instead of --socket-path' })
             .option('print-capabilities', { type: 'boolean', describe: 'Print the back-end capabilities (vhost-user.json) and exit' })
@@ -316,7 +396,6 @@ export async function main(argv: string[]): Promise<number> {
             .option('num-queues', { type: 'number', default: 1, describe: 'Queue pairs (1..16); more than one opens the tap multi-queue' })
             .option('threads', { type: 'number', describe: 'Threads the queue pairs are spread over (default: one per pair); 0 runs them on the main thread' })
             .option('mtu', { type: 'number', describe: 'Offer VIRTIO_NET_F_MTU with this maximum (68..65535); QEMU needs host_mtu=' })
-            .option('log-level', { type: 'string', default: 'info', choices: LEVELS, describe: 'pino log level' })
             .example('$0 net --socket /run/vhostd/net0.sock --tap tap0 --num-queues 2', '')
             .check((a) => {
               positiveInt('num-queues', a['num-queues'], 16);
@@ -339,10 +418,29 @@ export async function main(argv: string[]): Promise<number> {
             threads: a.threads,
             mtu: a.mtu,
             logLevel: a['log-level'],
+            control: a.control,
+            metrics: a.metrics,
+            id: a.id,
           });
         },
       )
-      .demandCommand(1, 'name a device: vhostd blk --help, vhostd net --help')
+      .command(
+        'stats',
+        'Print a running daemon\'s counters (from its control socket)',
+        (y) =>
+          y
+            .option('control', { type: 'string', describe: 'The daemon\'s control socket [default: from --socket]' })
+            .option('socket', { type: 'string', alias: 'socket-path', describe: `The daemon's vhost-user socket, to find its control socket [default: ${DEFAULT_BLK_SOCKET}]` })
+            .option('json', { type: 'boolean', default: false, describe: 'Print the snapshot as JSON' })
+            .option('watch', { type: 'number', describe: 'Refresh every N seconds (default 2) until interrupted' })
+            .example('$0 stats --control /run/vhostd/disk0.ctl', '')
+            .example('$0 stats --socket /run/vhostd/net0.sock --watch 1', ''),
+        async (a) => {
+          const path = a.control ?? defaultControlPath(a.socket ?? DEFAULT_BLK_SOCKET);
+          result = await printStats(path, a.json, a.watch);
+        },
+      )
+      .demandCommand(1, 'name a command: vhostd blk --help, vhostd net --help, vhostd stats --help')
       .strict()
       .fail((msg, err) => {
         throw err ?? new UsageError(msg);

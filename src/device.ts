@@ -39,6 +39,10 @@ export interface Device extends QueueRunnerSource {
   reset(): void;
   /** NET_SET_MTU; returns an error message when the MTU is refused. */
   setMtu?(mtu: number): string | undefined;
+  /** The device's own counters for queue `index`, since the daemon started (live, whatever thread serves it). */
+  queueStats(index: number): Record<string, number> | undefined;
+  /** Device-wide facts and values for stats (image, engine, tap, MTU). */
+  deviceStats?(): Record<string, unknown>;
   /** SEND_RARP: announce the guest's MAC after migration. */
   sendRarp?(mac: Uint8Array): void;
 }

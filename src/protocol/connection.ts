@@ -87,6 +87,11 @@ export class Connection implements Replies {
     return this.h.vrings.map((v) => v.state);
   }
 
+  /** Each virtqueue as the front-end configured it, for stats. */
+  queueInfo(): { index: number; state: string; size: number; enabled: boolean; failed?: string }[] {
+    return this.h.vrings.map((v) => ({ index: v.index, state: v.state, size: v.size, enabled: v.enabled, ...(v.failed && { failed: v.failed }) }));
+  }
+
   get protocolFeatures(): bigint {
     return this.h.protocolFeatures;
   }

@@ -12,6 +12,7 @@ import {
 } from '../limits.js';
 import type { RingFeatures } from '../features.js';
 import { native, errnoError, POLL_READABLE, EAGAIN, type WatchHandle } from '../native/index.js';
+import { CounterSet, latencyBucket, RC, RING_COUNTERS } from './counters.js';
 import type { DescriptorChain } from './chain.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { InflightQueue } from './inflight.js';
@@ -131,17 +132,23 @@ export class QueueExecutor {
   private notifyScheduled = false;
   private readonly scratch = new BigUint64Array(1);
 
-  // Counters, for logs and stats.
-  kicks = 0;
-  calls = 0;
-  suppressed = 0;
+  /** This queue's counters (they outlive the executor: the placement keeps them per queue index). */
+  readonly counters: CounterSet;
+  private readonly c: Float64Array;
+  /** When each head in flight was taken (performance.now()), for the latency histogram. */
+  private readonly takenAt: Float64Array;
 
   constructor(
     cfg: RingConfig,
     mem: GuestMemory,
     private readonly log: QueueLogger,
     inflight: InflightQueue | undefined,
+    counters: CounterSet = new CounterSet(RING_COUNTERS),
   ) {
+    this.counters = counters;
+    this.c = counters.values;
+    this.c[RC.inflight] = 0;
+    this.takenAt = new Float64Array(cfg.size);
     this.index = cfg.index;
     this.size = cfg.size;
     this.enabled = cfg.enabled;
@@ -217,7 +224,7 @@ export class QueueExecutor {
       this.fail(errnoError('read kick eventfd', n).message);
       return;
     }
-    this.kicks++;
+    this.c[RC.kicks]++;
     this.service();
   }
 
@@ -367,6 +374,11 @@ export class QueueExecutor {
 
   private hold(chain: DescriptorChain): void {
     this.inflightRecord?.fetched(chain.head);
+    const c = this.c;
+    c[RC.chains]++;
+    if (chain.fault) c[RC.faults]++;
+    if (++c[RC.inflight]! > c[RC.inflightPeak]!) c[RC.inflightPeak] = c[RC.inflight]!;
+    this.takenAt[chain.head] = performance.now();
     this.held++;
     this.heldSegments += chain.count;
     this.heldBytes += chain.readableBytes + chain.writableBytes;
@@ -374,6 +386,10 @@ export class QueueExecutor {
   }
 
   private release(chain: DescriptorChain): void {
+    const c = this.c;
+    c[RC.completed]++;
+    c[RC.inflight]--;
+    c[RC.latency + latencyBucket(1000 * (performance.now() - this.takenAt[chain.head]!))]++;
     this.held--;
     this.heldSegments -= chain.count;
     this.heldBytes -= chain.readableBytes + chain.writableBytes;
@@ -431,12 +447,12 @@ export class QueueExecutor {
     this.notifyPending = false;
     if (this.callFd < 0) return;
     if (this.ring.needsNotify()) this.signalCall();
-    else this.suppressed++;
+    else this.c[RC.suppressed]++;
   }
 
   private signalCall(): void {
     if (this.callFd < 0) return;
-    this.calls++;
+    this.c[RC.calls]++;
     const n = native.write(this.callFd, ONE);
     if (n < 0 && n !== -EAGAIN) this.log.warn({ queue: this.index, errno: -n }, 'cannot signal call eventfd');
   }

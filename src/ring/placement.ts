@@ -2,6 +2,7 @@
 // path) and says which queues belong together (a net queue pair); the
 // placement puts each group on the daemon's thread or on one of --threads
 // queue threads. Either way the same executor runs the same runner.
+import { CounterSet, RING_COUNTERS } from './counters.js';
 import { native } from '../native/index.js';
 import { QueueExecutor, RingError, type QueueLogger, type QueueRunner, type RingConfig } from './executor.js';
 import type { GuestMemory } from './guest-memory.js';
@@ -31,6 +32,8 @@ export interface PlacementOptions {
 
 export class Placement {
   private readonly threads: QueueThread[];
+  /** Ring counters per queue index, kept across connections. */
+  private readonly counters: CounterSet[] = [];
 
   constructor(
     private readonly source: QueueRunnerSource,
@@ -50,9 +53,15 @@ export class Placement {
   /** The host for queue `index` of a connection whose guest memory is `mem`. */
   host(index: number, mem: GuestMemory, log: QueueLogger & { bindings?(): Record<string, unknown> }): QueueHost {
     const setup = (): unknown => this.source.queueSetup(index);
-    if (!this.threads.length) return new LocalHost(mem, log, this.source.runner, setup);
+    const counters = this.queueCounters(index);
+    if (!this.threads.length) return new LocalHost(mem, log, this.source.runner, setup, counters);
     const group = this.source.queueGroup?.(index) ?? index;
-    return new ThreadHost(index, mem, this.threads[group % this.threads.length]!, log, setup);
+    return new ThreadHost(index, mem, this.threads[group % this.threads.length]!, log, setup, counters);
+  }
+
+  /** The ring counters of queue `index` (created at its first use). */
+  queueCounters(index: number): CounterSet {
+    return (this.counters[index] ??= new CounterSet(RING_COUNTERS));
   }
 
   /** End the queue threads (after every connection has closed). */
@@ -72,12 +81,13 @@ export class LocalHost implements QueueHost {
     private readonly log: QueueLogger,
     private readonly runner: QueueRunner,
     private readonly setup: () => unknown,
+    private readonly counters: CounterSet,
   ) {}
 
   start(cfg: RingConfig, inflight: InflightQueue | undefined, fresh: boolean): void {
     let exec: QueueExecutor;
     try {
-      exec = new QueueExecutor(cfg, this.mem, this.log, inflight);
+      exec = new QueueExecutor(cfg, this.mem, this.log, inflight, this.counters);
     } catch (e) {
       if (!(e instanceof RingError)) throw e;
       return this.startFailed(cfg, e.message);

@@ -1,6 +1,7 @@
 // Entry of a queue thread (see queue-thread.ts): mirrors the daemon's guest
 // memory, runs one executor per started queue with the device's runner, and
 // answers a stop once the executor has drained and let go of memory and fds.
+import { CounterSet, RING_COUNTERS } from './counters.js';
 import { parentPort, workerData } from 'node:worker_threads';
 import { pino } from 'pino';
 import { QueueExecutor, RingError, type QueueLogger, type QueueRunner } from './executor.js';
@@ -32,7 +33,7 @@ function start(m: Extract<ToThread, { op: 'start' }>): void {
   const qlog = log.child(m.logBindings);
   let exec: QueueExecutor;
   try {
-    exec = new QueueExecutor(m.cfg, mem, qlog, undefined);
+    exec = new QueueExecutor(m.cfg, mem, qlog, undefined, new CounterSet(RING_COUNTERS, m.counters));
   } catch (e) {
     if (!(e instanceof RingError)) throw e;
     qlog.error({ queue: index, reason: e.message }, 'virtqueue failed; it stays stopped until the front-end resets it');

@@ -9,6 +9,7 @@
 // the device's module provides. Anything the thread can see is unmapped or
 // closed only after the thread has said it let go of it: a halt waits for the
 // thread's executor to drain, and a call/err fd swap waits for it to switch.
+import { CounterSet } from './counters.js';
 import { Worker } from 'node:worker_threads';
 import type { RingConfig, QueueLogger } from './executor.js';
 import type { GuestMemory, SharedRegion } from './guest-memory.js';
@@ -35,6 +36,8 @@ export type ToThread =
       /** A real start (not a resume after a memory change): recovery and one catch-up interrupt. */
       fresh: boolean;
       logBindings: Record<string, unknown>;
+      /** The queue's ring counters (shared, so the daemon reads them live). */
+      counters: SharedArrayBuffer;
     }
   | { op: 'stop'; index: number; seq: number }
   | { op: 'call' | 'err'; index: number; fd: number; seq: number }
@@ -153,6 +156,7 @@ export class ThreadHost implements QueueHost {
     private readonly thread: QueueThread,
     private readonly log: QueueLogger & { bindings?(): Record<string, unknown> },
     private readonly setup: () => unknown,
+    private readonly counters: CounterSet,
   ) {
     thread.attach(this);
   }
@@ -177,6 +181,7 @@ export class ThreadHost implements QueueHost {
       setup: this.setup(),
       fresh,
       logBindings: this.log.bindings?.() ?? {},
+      counters: this.counters.buffer,
     });
   }
 

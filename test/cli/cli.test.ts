@@ -42,7 +42,7 @@ describe('vhostd CLI', () => {
     [['net', '--num-queues', '2', '--threads', '3'], /--threads must be an integer in 0\.\.2/],
     [['net', '--threads', '-1'], /--threads must be an integer in 0\.\.1/],
     [['frobnicate'], /Unknown arguments?: .*frobnicate/],
-    [[], /name a device/],
+    [[], /name a command/],
   ])('rejects %j with one clear line and exit 2', (args, re) => {
     const sock = join(dir, 'never.sock');
     const r = vhostd(...args, ...(args.length ? ['--socket', sock] : []));

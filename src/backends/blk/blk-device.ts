@@ -21,6 +21,7 @@ import {
   MAX_QUEUE_SIZE,
 } from '../../limits.js';
 import { ChainReader, ChainWriter, DescriptorChain } from '../../ring/chain.js';
+import { CounterSet, type CounterNames } from '../../ring/counters.js';
 import type { QueueExecutor, QueueHandler, QueueLogger, QueueRunner, RunResult } from '../../ring/executor.js';
 import {
   BLK_F_BLK_SIZE,
@@ -65,6 +66,23 @@ export interface BlkOptions {
   maxQueueSize?: number;
 }
 
+/** Counters per queue, since the daemon started (slots of BLK_COUNTERS). */
+const BC = {
+  reads: 0,
+  writes: 1,
+  flushes: 2,
+  getIds: 3,
+  discards: 4,
+  writeZeroes: 5,
+  readBytes: 6,
+  writtenBytes: 7,
+  /** Requests the image failed (IOERR after an I/O error). */
+  ioErrors: 8,
+  /** Requests refused as malformed or unsupported (IOERR or UNSUPP without any I/O). */
+  badRequests: 9,
+} as const;
+const BLK_COUNTERS: CounterNames = Object.keys(BC);
+
 /** One request slot: a chain and everything needed to serve it, reused so the data path allocates nothing per request. */
 class Request {
   readonly chain = new DescriptorChain();
@@ -96,6 +114,7 @@ interface BlkQueue {
   exec: QueueExecutor;
   free: Request[];
   bad: number;
+  n: Float64Array;
 }
 
 export class BlkDevice implements Device {
@@ -115,6 +134,7 @@ export class BlkDevice implements Device {
   private writeback = true;
   private acked = 0n;
   private readonly done = (r: Request, err: Error | null): void => this.ioDone(r, err);
+  private readonly counters: CounterSet[];
 
   constructor(
     opts: BlkOptions,
@@ -133,6 +153,7 @@ export class BlkDevice implements Device {
       bit(VIRTIO_F_NOTIFY_ON_EMPTY) | bit(VIRTIO_F_ANY_LAYOUT);
     f |= this.image.readonly ? bit(BLK_F_RO) : bit(BLK_F_DISCARD) | bit(BLK_F_WRITE_ZEROES);
     this.features = f;
+    this.counters = Array.from({ length: this.numQueues }, () => new CounterSet(BLK_COUNTERS));
     this.runner = {
       start: (exec) => this.startQueue(exec),
       stop: () => undefined,
@@ -194,11 +215,19 @@ export class BlkDevice implements Device {
   }
 
   private startQueue(exec: QueueExecutor): QueueHandler {
-    const q: BlkQueue = { exec, free: [], bad: 0 };
+    const q: BlkQueue = { exec, free: [], bad: 0, n: this.counters[exec.index]!.values };
     return { run: () => this.serve(q), faults: 'status' };
   }
 
   stopQueue(): void {}
+
+  queueStats(index: number): Record<string, number> | undefined {
+    return this.counters[index]?.toJSON();
+  }
+
+  deviceStats(): Record<string, unknown> {
+    return { image: this.image.path, bytes: this.image.size, readonly: this.image.readonly, aio: this.image.aio, writeback: this.writeback, ...(this.image.uringCounts && { uring: this.image.uringCounts }) };
+  }
 
   reset(): void {
     this.writeback = true;
@@ -218,6 +247,7 @@ export class BlkDevice implements Device {
   }
 
   private bad(r: Request, reason: string): void {
+    r.q.n[BC.badRequests]++;
     if (r.q.bad++ < BAD_REQUEST_LOG_LIMIT) {
       this.log.warn({ queue: r.q.exec.index, head: r.chain.head, reason }, r.q.bad === BAD_REQUEST_LOG_LIMIT ? 'bad request (further ones only counted)' : 'bad request');
     }
@@ -239,6 +269,7 @@ export class BlkDevice implements Device {
 
   private ioDone(r: Request, err: Error | null): void {
     if (err) {
+      r.q.n[BC.ioErrors]++;
       this.log.error({ queue: r.q.exec.index, type: r.type, sector: r.sector.toString(), err: err.message }, 'I/O error');
       return this.finish(r, S_IOERR);
     }
@@ -269,14 +300,23 @@ export class BlkDevice implements Device {
         cursor.views(len, r.iov);
         if (cursor.spanDescriptors > BLK_SEG_MAX) return this.fail(r, `${cursor.spanDescriptors} data segments, seg_max is ${BLK_SEG_MAX}`);
         if (cursor.spanLargest > BLK_SIZE_MAX) return this.fail(r, `a data segment of ${cursor.spanLargest} bytes, size_max is ${BLK_SIZE_MAX}`);
-        if (isWrite) this.image.write(pos, r.iov, this.writeThrough, r.onIo);
-        else this.image.read(pos, r.iov, r.onIo);
+        if (isWrite) {
+          r.q.n[BC.writes]++;
+          r.q.n[BC.writtenBytes] += len;
+          this.image.write(pos, r.iov, this.writeThrough, r.onIo);
+        } else {
+          r.q.n[BC.reads]++;
+          r.q.n[BC.readBytes] += len;
+          this.image.read(pos, r.iov, r.onIo);
+        }
         return;
       }
       case T_FLUSH:
+        r.q.n[BC.flushes]++;
         this.image.flush(r.onIo);
         return;
       case T_GET_ID:
+        r.q.n[BC.getIds]++;
         if (!r.writer.write(this.serial)) return this.fail(r, `GET_ID buffer of ${r.writer.remaining} bytes, needs ${ID_BYTES}`);
         return this.finish(r, S_OK);
       case T_DISCARD:
@@ -287,6 +327,7 @@ export class BlkDevice implements Device {
         if (this.image.readonly) return this.fail(r, 'discard or write-zeroes on a read-only disk');
         const why = this.parseRanges(r);
         if (why) return this.fail(r, why.reason, why.status);
+        r.q.n[type === T_DISCARD ? BC.discards : BC.writeZeroes]++;
         r.nextRange = 0;
         return this.nextRange(r);
       }

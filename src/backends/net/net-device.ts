@@ -13,7 +13,8 @@ import {
 import { MAX_QUEUE_SIZE } from '../../limits.js';
 import { native } from '../../native/index.js';
 import type { QueueLogger, QueueRunner } from '../../ring/executor.js';
-import { createRunner, noStats, type NetStats, type PairSetup } from './queue-pair.js';
+import { createRunner, NET_COUNTERS, type NetStats, type PairSetup } from './queue-pair.js';
+import { CounterSet } from '../../ring/counters.js';
 import { Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO } from './tap.js';
 
 export type { NetStats } from './queue-pair.js';
@@ -78,8 +79,8 @@ export class NetDevice implements Device {
   /** The pairs' data path on the daemon's thread; queue threads load runnerModule instead. */
   readonly runner: QueueRunner;
   readonly runnerModule = new URL('./queue-pair.js', import.meta.url);
-  /** Each pair's counters, as its runner last reported them. */
-  private readonly pairStats: NetStats[];
+  /** Each pair's counters, shared with whichever thread serves the pair. */
+  private readonly pairCounters: CounterSet[];
 
   constructor(
     opts: NetOptions,
@@ -102,11 +103,25 @@ export class NetDevice implements Device {
     this.features = f;
     this.protocolFeatures = bit(PROTOCOL_F_RARP) | (opts.mtu ? bit(PROTOCOL_F_MTU) : 0n);
     this.runner = createRunner(log);
-    this.pairStats = opts.tap.fds.map(() => noStats());
+    this.pairCounters = opts.tap.fds.map(() => new CounterSet(NET_COUNTERS));
   }
 
+  /** Every pair's counters, live. */
   get stats(): NetStats[] {
-    return this.pairStats.map((p) => ({ ...p }));
+    return this.pairCounters.map((c) => c.toJSON() as NetStats);
+  }
+
+  deviceStats(): Record<string, unknown> {
+    return { tap: this.tap.name, mtu: this.mtu, queuePairs: this.queueNum, mergeable: this.mergeable };
+  }
+
+  /** An RX queue (even index) counts what came from the tap, a TX queue what went to it. */
+  queueStats(index: number): Record<string, number> | undefined {
+    const pair = this.pairCounters[index >> 1];
+    if (!pair) return undefined;
+    const all = pair.toJSON();
+    const prefix = index % 2 === 0 ? 'rx' : 'tx';
+    return Object.fromEntries(Object.entries(all).filter(([k]) => k.startsWith(prefix)));
   }
 
   /**
@@ -198,12 +213,10 @@ export class NetDevice implements Device {
   queueSetup(index: number): PairSetup {
     const pair = index >> 1;
     this.readTapMtu();
-    return { pair, tapFd: this.tap.fds[pair]!, hdrLen: this.hdrLen, mergeable: this.mergeable, bigRx: this.bigRx, mtu: this.mtu };
+    return { pair, tapFd: this.tap.fds[pair]!, hdrLen: this.hdrLen, mergeable: this.mergeable, bigRx: this.bigRx, mtu: this.mtu, counters: this.pairCounters[pair]!.buffer };
   }
 
-  stopQueue(index: number, report: unknown): void {
-    if (report) this.pairStats[index >> 1] = report as NetStats;
-  }
+  stopQueue(): void {}
 
   reset(): void {
     this.hdrLen = 10;

@@ -4,6 +4,7 @@
 // taken only once their packet moved, so nothing is ever handed back.
 import { BAD_REQUEST_LOG_LIMIT } from '../../limits.js';
 import { native, EAGAIN, EINTR, POLL_READABLE, POLL_WRITABLE, type WatchHandle } from '../../native/index.js';
+import { CounterSet, type CounterNames } from '../../ring/counters.js';
 import { ChainReader, ChainWriter, DescriptorChain } from '../../ring/chain.js';
 import type { QueueExecutor, QueueHandler, QueueLogger, QueueRunner, RunResult } from '../../ring/executor.js';
 
@@ -17,27 +18,26 @@ const MAX_RX_CHAINS = 256;
 /** Guest segments one RX readv may carry: IOV_MAX less the spill byte. */
 const RX_MAX_IOV = 1023;
 
-export interface NetStats {
-  txPackets: number;
-  txBytes: number;
-  txDropped: number;
+/** A queue pair's counters since the daemon started, in slot order (see NET_COUNTERS). */
+export const NS = {
+  txPackets: 0,
+  txBytes: 1,
+  txDropped: 2,
   /** Sent while the TX ring was disabled: consumed and discarded, as the spec asks. */
-  txDiscarded: number;
-  rxPackets: number;
-  rxBytes: number;
-  rxDropped: number;
+  txDiscarded: 3,
+  rxPackets: 4,
+  rxBytes: 5,
+  rxDropped: 6,
   /** Frames longer than the buffers they were read into (tun truncates): dropped, never delivered cut. */
-  rxTruncated: number;
+  rxTruncated: 7,
   /** Frames larger than every buffer the guest could ever post at once: dropped. */
-  rxTooBig: number;
+  rxTooBig: 8,
   /** Times the tap had packets but the guest had posted no buffer. */
-  rxNoBuffer: number;
-}
+  rxNoBuffer: 9,
+} as const;
 
-export const noStats = (): NetStats => ({
-  txPackets: 0, txBytes: 0, txDropped: 0, txDiscarded: 0,
-  rxPackets: 0, rxBytes: 0, rxDropped: 0, rxTruncated: 0, rxTooBig: 0, rxNoBuffer: 0,
-});
+export type NetStats = Record<keyof typeof NS, number>;
+export const NET_COUNTERS: CounterNames = Object.keys(NS);
 
 /** What the negotiated features make of the data path; the device hands it over at each ring start. */
 export interface PairSetup {
@@ -51,6 +51,8 @@ export interface PairSetup {
   bigRx: boolean;
   /** The tap's MTU, as the device last read it. */
   mtu: number;
+  /** The pair's counters (NET_COUNTERS), owned by the device and shared with the thread serving the pair. */
+  counters: SharedArrayBuffer;
 }
 
 export class QueuePair {
@@ -62,8 +64,8 @@ export class QueuePair {
   private rxWantsTap = false;
   /** The tap refused a write: wait until it is writable. */
   private txBlocked = false;
-  /** Counters since the daemon started. */
-  readonly stats = noStats();
+  /** Counters since the daemon started (NS slots), shared with the device. */
+  private n: Float64Array;
   private logged = 0;
 
   private readonly txChain = new DescriptorChain();
@@ -84,7 +86,13 @@ export class QueuePair {
   constructor(
     private s: PairSetup,
     private readonly log: QueueLogger,
-  ) {}
+  ) {
+    this.n = new Float64Array(s.counters, 0, NET_COUNTERS.length);
+  }
+
+  get stats(): NetStats {
+    return new CounterSet(NET_COUNTERS, this.s.counters).toJSON() as NetStats;
+  }
 
   get index(): number {
     return this.s.pair;
@@ -100,6 +108,7 @@ export class QueuePair {
     if (setup.tapFd !== this.s.tapFd) this.close();
     // A frame held under other settings (header size, tap) cannot be delivered under these.
     if (this.held && (setup.tapFd !== this.s.tapFd || setup.hdrLen !== this.s.hdrLen || setup.mergeable !== this.s.mergeable)) this.dropHeld('settings changed');
+    if (setup.counters !== this.s.counters) this.n = new Float64Array(setup.counters, 0, NET_COUNTERS.length);
     this.s = setup;
     if (q.index % 2 === 0) {
       this.rx = q;
@@ -120,7 +129,7 @@ export class QueuePair {
       this.close();
       this.log.info({ pair: this.index, ...this.stats }, 'queue pair stopped');
     }
-    return { ...this.stats };
+    return this.stats;
   }
 
   /** Watch the tap for exactly what this pair can act on now. */
@@ -159,8 +168,8 @@ export class QueuePair {
   }
 
   private drop(dir: 'tx' | 'rx', reason: string): void {
-    if (dir === 'tx') this.stats.txDropped++;
-    else this.stats.rxDropped++;
+    if (dir === 'tx') this.n[NS.txDropped]++;
+    else this.n[NS.rxDropped]++;
     if (this.logged++ < BAD_REQUEST_LOG_LIMIT) {
       this.log.warn({ pair: this.index, dir, reason }, this.logged === BAD_REQUEST_LOG_LIMIT ? 'packet dropped (further drops only counted)' : 'packet dropped');
     }
@@ -177,7 +186,7 @@ export class QueuePair {
     const one = [chain];
     while (q.peek(0, chain)) {
       if (!q.enabled) {
-        this.stats.txDiscarded++;
+        this.n[NS.txDiscarded]++;
       } else if (chain.fault) {
         this.drop('tx', `malformed chain: ${chain.fault}`);
       } else if (chain.readableBytes < hdrLen + 14 || chain.readableBytes > maxLen || chain.writableBytes) {
@@ -196,8 +205,8 @@ export class QueuePair {
         }
         if (w < 0) this.drop('tx', `tap write failed: errno ${-w}`);
         else {
-          this.stats.txPackets++;
-          this.stats.txBytes += w - hdrLen;
+          this.n[NS.txPackets]++;
+          this.n[NS.txBytes] += w - hdrLen;
         }
       }
       q.take(one, 1);
@@ -258,7 +267,7 @@ export class QueuePair {
         g.bytes = 0;
       } else if (g.count === 0) {
         // No buffer at all: leave the tap alone until the guest posts one.
-        this.stats.rxNoBuffer++;
+        this.n[NS.rxNoBuffer]++;
         this.rxWantsTap = false;
         this.update();
         return 0;
@@ -279,7 +288,7 @@ export class QueuePair {
           continue;
         }
         if (r > g.bytes || r > room) {
-          this.stats.rxTruncated++;
+          this.n[NS.rxTruncated]++;
           this.drop('rx', `frame of ${r} bytes did not fit the ${Math.min(g.bytes, room)} bytes read`);
           continue;
         }
@@ -297,7 +306,7 @@ export class QueuePair {
         continue;
       }
       if (r > room) {
-        this.stats.rxTruncated++;
+        this.n[NS.rxTruncated]++;
         this.drop('rx', `frame of ${r} bytes is larger than the ${room} bytes this MTU allows`);
         continue;
       }
@@ -325,7 +334,7 @@ export class QueuePair {
     if (g.bytes < this.held) {
       // Without MRG_RXBUF a frame goes into one buffer, so a bigger buffer behind it cannot help.
       if (g.count >= q.size || g.count >= MAX_RX_CHAINS || (!this.s.mergeable && g.count > 0)) {
-        this.stats.rxTooBig++;
+        this.n[NS.rxTooBig]++;
         this.dropHeld(`frame of ${this.held} bytes is larger than the ${g.bytes} bytes the whole ring can post`);
         return 'placed';
       }
@@ -364,8 +373,8 @@ export class QueuePair {
     if (this.s.hdrLen === 12) this.writer.reset(this.rxChains[0]!).pokeU16(10, used);
     q.take(this.rxChains, used);
     q.completeMany(this.rxChains, this.rxLens, used);
-    this.stats.rxPackets++;
-    this.stats.rxBytes += len - this.s.hdrLen;
+    this.n[NS.rxPackets]++;
+    this.n[NS.rxBytes] += len - this.s.hdrLen;
   }
 }
 

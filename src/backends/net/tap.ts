@@ -75,7 +75,10 @@ export class Tap {
         try {
           fd = openSync('/dev/net/tun', constants.O_RDWR | constants.O_NONBLOCK);
         } catch (e) {
-          throw new TapError(`cannot open /dev/net/tun: ${(e as Error).message} (is the tun module loaded?)`);
+          const hint = (e as NodeJS.ErrnoException).code === 'EACCES'
+            ? 'udev normally makes it mode 0666; without udev: chmod 0666 /dev/net/tun'
+            : 'is the tun module loaded?';
+          throw new TapError(`cannot open /dev/net/tun: ${(e as Error).message} (${hint})`);
         }
         this.fds.push(fd);
         const req = ifreq(opts.name);
