@@ -141,7 +141,8 @@ export class QueueExecutor {
   constructor(
     cfg: RingConfig,
     mem: GuestMemory,
-    private readonly log: QueueLogger,
+    /** The queue's logger: it names the device, the connection and (with queue:) the queue. */
+    readonly log: QueueLogger,
     inflight: InflightQueue | undefined,
     counters: CounterSet = new CounterSet(RING_COUNTERS),
   ) {

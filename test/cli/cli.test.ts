@@ -28,7 +28,7 @@ describe('vhostd CLI', () => {
   it('prints help for blk', () => {
     const r = vhostd('blk', '--help');
     expect(r.status).toBe(0);
-    for (const opt of ['--socket', '--file', '--readonly', '--num-queues', '--direct', '--serial', '--logical-block-size', '--log-level']) {
+    for (const opt of ['--socket', '--file', '--readonly', '--num-queues', '--direct', '--aio', '--serial', '--logical-block-size', '--control', '--metrics', '--id', '--log-level']) {
       expect(r.stdout).toContain(opt);
     }
   });
@@ -92,6 +92,27 @@ describe('vhostd CLI', () => {
     expect(r.status).toBe(2);
     expect(r.stderr).toMatch(/exists and is not a socket/);
     expect(readFileSync(path, 'utf8')).toBe('keep me');
+  });
+
+  // Into a pipe it logs pino JSON: every protocol test parses those lines.
+  it('logs readable lines on a terminal', async () => {
+    const sock = join(dir, 'tty.sock');
+    const cmd = `exec ${process.execPath} ${DAEMON} blk --socket ${sock} --file ${image} --id tty-disk`;
+    // script(1) gives the daemon a pseudo-terminal for stdout.
+    const child = spawn('script', ['-qfec', cmd, '/dev/null'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
+    const closed = new Promise<void>((r) => child.once('close', () => r()));
+    try {
+      for (let i = 0; i < 200 && !/ready/.test(out); i++) await new Promise((r) => setTimeout(r, 50));
+      const plain = out.replace(/\x1b\[[0-9;]*m/g, '');
+      expect(plain).toMatch(/INFO.*vhost-user-blk ready/);
+      expect(plain).toMatch(/device: "tty-disk"/);
+      expect(plain).not.toMatch(/^\{"level"/m);
+    } finally {
+      child.kill('SIGTERM');
+      await closed;
+    }
   });
 
   it('exits 0 on SIGINT and SIGTERM and removes its socket', async () => {

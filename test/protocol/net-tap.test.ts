@@ -8,7 +8,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { startVhostdNet, type Backend } from '../e2e/daemons.js';
+import { DAEMON, startVhostdNet, type Backend } from '../e2e/daemons.js';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import { Netns } from '../e2e/netns.js';
 import { FrontEnd } from '../driver/frontend.js';
 import { GuestMemory } from '../driver/guest.js';
@@ -18,6 +20,7 @@ import { native, EFD_CLOEXEC, EFD_NONBLOCK } from '../../src/native/index.js';
 import { netTotals } from '../e2e/daemons.js';
 import { processUsage, waitFor } from './helpers.js';
 
+const execFileP = promisify(execFile);
 const TAP = 'vtnt0';
 const HDR = 12; // VERSION_1 / MRG_RXBUF header, num_buffers included
 const NET_F_GUEST_CSUM = 1;
@@ -272,6 +275,42 @@ s.send(bytes.fromhex("${Buffer.from(f).toString('hex')}"))
     await daemon!.stop();
     const [t] = netTotals(daemon!.output());
     expect(t).toMatchObject({ rxTooBig: 1, rxDropped: 1, rxPackets: 1 });
+  });
+
+  it('stats and metrics count, live, the frames that moved each way and the one dropped', async () => {
+    existingTap(9000);
+    await startDaemon(['--metrics', '127.0.0.1:0', '--id', 'nic-under-test']);
+    expect(await open(MERGE_GSO, 4)).toBe(0n);
+    // Three frames from the guest.
+    for (const len of [60, 400, 1000]) {
+      const gpa = mem!.alloc(HDR + len);
+      mem!.write(gpa, new Uint8Array(HDR));
+      mem!.write(gpa + HDR, frame(len, len));
+      tx!.submit([{ gpa, len: HDR + len, write: false }]);
+    }
+    tx!.kick();
+    await tx!.waitUsed(3);
+    // One frame too big for the whole RX ring (dropped), then one delivered.
+    const byHead = postRx(4, 1536);
+    inject(frame(9014, 9));
+    inject(frame(200, 10));
+    await receivePacket(byHead);
+    const ctl = daemon!.socket.replace(/\.sock$/, '.ctl');
+    const { stdout } = await execFileP(process.execPath, [DAEMON, 'stats', '--control', ctl, '--json']);
+    const snap = JSON.parse(stdout) as { device: string; info: Record<string, unknown>; queues: { index: number; device: Record<string, number>; ring: Record<string, number> }[] };
+    expect(snap.device).toBe('nic-under-test');
+    expect(snap.info).toMatchObject({ tap: TAP, mtu: 9000 });
+    expect(snap.queues[0]!.device).toMatchObject({ rxPackets: 1, rxBytes: 200, rxTooBig: 1, rxDropped: 1, rxTruncated: 0 });
+    expect(snap.queues[1]!.device).toMatchObject({ txPackets: 3, txBytes: 1460, txDropped: 0 });
+    expect(snap.queues[1]!.ring).toMatchObject({ chains: 3, completed: 3, inflight: 0 });
+    const port = /"metrics":"127\.0\.0\.1:(\d+)"/.exec(daemon!.output())![1];
+    // The daemon lives in the namespace, and so does its loopback listener.
+    const text = ns.sh(`curl -sf http://127.0.0.1:${port}/metrics`);
+    const value = (name: string, queue: number): number => Number(new RegExp(`^${name}\\{device="nic-under-test",queue="${queue}"\\} (\\S+)$`, 'm').exec(text)?.[1]);
+    expect(value('vhostd_net_rx_too_big_total', 0)).toBe(1);
+    expect(value('vhostd_net_rx_packets_total', 0)).toBe(1);
+    expect(value('vhostd_net_tx_bytes_total', 1)).toBe(1460);
+    expect(value('vhostd_queue_completed_total', 1)).toBe(3);
   });
 
   it('a frame longer than the tap MTU vhostd sized for (MTU raised under a running pair) is dropped, never delivered cut', async () => {

@@ -149,6 +149,15 @@ describe('stats and metrics (vhostd blk)', () => {
     expect((r as { stderr: string }).stderr).toMatch(/no vhostd control socket at \/nonexistent\/x\.ctl/);
   });
 
+  it('every log line names the device; every line about a queue also names its connection', () => {
+    const lines = be().output().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(lines.length).toBeGreaterThan(10);
+    expect(lines.filter((l) => l.device !== 'disk-under-test')).toEqual([]);
+    const aboutQueues = lines.filter((l) => 'queue' in l);
+    expect(aboutQueues.length).toBeGreaterThan(0);
+    expect(aboutQueues.filter((l) => typeof l.conn !== 'number')).toEqual([]);
+  });
+
   it('serves only /metrics', async () => {
     const url = await metricsUrl();
     expect((await fetch(url.replace('/metrics', '/'))).status).toBe(404);

@@ -249,7 +249,7 @@ export class BlkDevice implements Device {
   private bad(r: Request, reason: string): void {
     r.q.n[BC.badRequests]++;
     if (r.q.bad++ < BAD_REQUEST_LOG_LIMIT) {
-      this.log.warn({ queue: r.q.exec.index, head: r.chain.head, reason }, r.q.bad === BAD_REQUEST_LOG_LIMIT ? 'bad request (further ones only counted)' : 'bad request');
+      r.q.exec.log.warn({ queue: r.q.exec.index, head: r.chain.head, reason }, r.q.bad === BAD_REQUEST_LOG_LIMIT ? 'bad request (further ones only counted)' : 'bad request');
     }
   }
 
@@ -270,7 +270,7 @@ export class BlkDevice implements Device {
   private ioDone(r: Request, err: Error | null): void {
     if (err) {
       r.q.n[BC.ioErrors]++;
-      this.log.error({ queue: r.q.exec.index, type: r.type, sector: r.sector.toString(), err: err.message }, 'I/O error');
+      r.q.exec.log.error({ queue: r.q.exec.index, type: r.type, sector: r.sector.toString(), err: err.message }, 'I/O error');
       return this.finish(r, S_IOERR);
     }
     if (r.type === T_DISCARD || r.type === T_WRITE_ZEROES) return this.nextRange(r);

@@ -127,7 +127,7 @@ export class QueuePair {
     this.update();
     if (!this.rx && !this.tx) {
       this.close();
-      this.log.info({ pair: this.index, ...this.stats }, 'queue pair stopped');
+      q.log.info({ queue: q.index, pair: this.index, ...this.stats }, 'queue pair stopped');
     }
     return this.stats;
   }
@@ -171,7 +171,7 @@ export class QueuePair {
     if (dir === 'tx') this.n[NS.txDropped]++;
     else this.n[NS.rxDropped]++;
     if (this.logged++ < BAD_REQUEST_LOG_LIMIT) {
-      this.log.warn({ pair: this.index, dir, reason }, this.logged === BAD_REQUEST_LOG_LIMIT ? 'packet dropped (further drops only counted)' : 'packet dropped');
+      ((dir === 'tx' ? this.tx : this.rx)?.log ?? this.log).warn({ queue: this.index * 2 + (dir === 'tx' ? 1 : 0), pair: this.index, dir, reason }, this.logged === BAD_REQUEST_LOG_LIMIT ? 'packet dropped (further drops only counted)' : 'packet dropped');
     }
   }
 
