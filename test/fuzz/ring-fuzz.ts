@@ -1660,7 +1660,9 @@ async function runInput(fz: RingFuzzer, gen: Gen, p: Planned): Promise<Judged> {
       if (!graceUntil) graceUntil = Date.now() + 200;
       else if (Date.now() > graceUntil) break;
     } else if (failAt >= 0 && !failedNow() && used() >= processed) {
-      graceUntil = Date.now() + 500; // the err fd comes right after the earlier chains were taken
+      // The err fd comes right after the earlier chains were taken; a daemon starved of CPU by other
+      // work on the machine may take a while to get there, so wait the full bound for it.
+      graceUntil = Date.now() + WAIT_MS;
     }
     const left = deadline - Date.now();
     if (left <= 0) break;
