@@ -15,8 +15,8 @@ set -euo pipefail
 CACHE=${VHOSTD_GUEST_CACHE:-/var/cache/vhostd-guest}
 # Guest kit, plus host-side peers the tests drive: iproute2 (netns), python3
 # (raw packet injection), dpdk-dev (dpdk-testpmd), strace (durability tests) and
-# systemd (systemd-analyze checks the units).
-PKGS=(qemu-system-x86 qemu-utils busybox-static fio cpio e2fsprogs kmod iperf3 xz-utils iproute2 python3 dpdk-dev strace systemd)
+# systemd (systemd-analyze checks the units), libvirt (a domain served by vhostd).
+PKGS=(qemu-system-x86 qemu-utils busybox-static fio cpio e2fsprogs kmod iperf3 xz-utils iproute2 python3 dpdk-dev strace systemd libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils)
 # Load order matters: /init insmods these (plus dependencies) in this order.
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
          virtio_blk failover net_failover virtio_net
