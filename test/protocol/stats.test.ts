@@ -1,7 +1,7 @@
 // Observability against the work actually done: a protocol-driven blk
 // workload of known shape, then the control socket (through `vhostd stats`,
 // JSON and table) and a Prometheus scrape must count exactly that work.
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { existsSync, statSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { promisify } from 'node:util';
@@ -156,6 +156,20 @@ describe('stats and metrics (vhostd blk)', () => {
     const aboutQueues = lines.filter((l) => 'queue' in l);
     expect(aboutQueues.length).toBeGreaterThan(0);
     expect(aboutQueues.filter((l) => typeof l.conn !== 'number')).toEqual([]);
+  });
+
+  it('vhostd stats --watch prints a fresh snapshot every interval', async () => {
+    const child = spawn(process.execPath, [VHOSTD_BIN, 'stats', '--control', ctl(), '--json', '--watch', '0.2'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
+    try {
+      await until('three snapshots', () => (out.split('\n').filter(Boolean).length >= 3 ? true : undefined));
+    } finally {
+      child.kill('SIGTERM');
+    }
+    const uptimes = out.split('\n').filter(Boolean).slice(0, 3).map((l) => (JSON.parse(l) as { uptimeSeconds: number }).uptimeSeconds);
+    expect(uptimes[1]! - uptimes[0]!).toBeGreaterThanOrEqual(0.15);
+    expect(uptimes[2]!).toBeGreaterThan(uptimes[1]!);
   });
 
   it('serves only /metrics', async () => {
