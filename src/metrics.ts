@@ -16,6 +16,7 @@ const RING_TOTALS: Record<string, string> = {
   chains: 'Descriptor chains (requests) taken from the ring',
   completed: 'Descriptor chains completed',
   faults: 'Malformed chains met (answered with an error or failing the queue)',
+  pollHits: 'Times busy-polling (--poll-us) found new requests, sparing a kick',
 };
 
 export class Metrics {

@@ -38,15 +38,17 @@ export const RC = {
   faults: 5,
   inflight: 6,
   inflightPeak: 7,
+  /** Times busy-polling (--poll-us) found new requests, sparing a kick. */
+  pollHits: 8,
   /** Latency histogram: LATENCY_BUCKETS slots from here (see latencyBucket). */
-  latency: 8,
+  latency: 9,
 } as const;
 
 /** Four buckets per power of two from 1 µs to 2^24 µs (16.8 s), one below and one above. */
 export const LATENCY_BUCKETS = 2 + 4 * 24;
 
 export const RING_COUNTERS: CounterNames = [
-  'kicks', 'calls', 'suppressed', 'chains', 'completed', 'faults', 'inflight', 'inflightPeak',
+  'kicks', 'calls', 'suppressed', 'chains', 'completed', 'faults', 'inflight', 'inflightPeak', 'pollHits',
   ...Array.from({ length: LATENCY_BUCKETS }, (_, i) => `latency${i}`),
 ];
 

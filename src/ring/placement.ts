@@ -28,6 +28,8 @@ export interface PlacementOptions {
   logLevel: string;
   /** Names the threads in logs. */
   name: string;
+  /** Busy-poll each queue this long after a burst (µs; 0 or absent: off). */
+  pollUs?: number;
 }
 
 export class Placement {
@@ -37,7 +39,7 @@ export class Placement {
 
   constructor(
     private readonly source: QueueRunnerSource,
-    opts: PlacementOptions,
+    private readonly opts: PlacementOptions,
   ) {
     const module = source.runnerModule;
     if (opts.threads > 0 && !module) throw new Error(`${opts.name} queues cannot run on queue threads`);
@@ -54,9 +56,10 @@ export class Placement {
   host(index: number, mem: GuestMemory, log: QueueLogger & { bindings?(): Record<string, unknown> }): QueueHost {
     const setup = (): unknown => this.source.queueSetup(index);
     const counters = this.queueCounters(index);
-    if (!this.threads.length) return new LocalHost(mem, log, this.source.runner, setup, counters);
+    const pollUs = this.opts.pollUs ?? 0;
+    if (!this.threads.length) return new LocalHost(mem, log, this.source.runner, setup, counters, pollUs);
     const group = this.source.queueGroup?.(index) ?? index;
-    return new ThreadHost(index, mem, this.threads[group % this.threads.length]!, log, setup, counters);
+    return new ThreadHost(index, mem, this.threads[group % this.threads.length]!, log, setup, counters, pollUs);
   }
 
   /** The ring counters of queue `index` (created at its first use). */
@@ -82,6 +85,7 @@ export class LocalHost implements QueueHost {
     private readonly runner: QueueRunner,
     private readonly setup: () => unknown,
     private readonly counters: CounterSet,
+    private readonly pollUs: number,
   ) {}
 
   start(cfg: RingConfig, inflight: InflightQueue | undefined, fresh: boolean): void {
@@ -93,6 +97,7 @@ export class LocalHost implements QueueHost {
       return this.startFailed(cfg, e.message);
     }
     exec.onFail = (reason) => this.onFailed?.(reason);
+    exec.pollUs = this.pollUs;
     this.exec = exec;
     try {
       exec.start(this.runner, this.setup(), fresh);

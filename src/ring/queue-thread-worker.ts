@@ -43,6 +43,7 @@ function start(m: Extract<ToThread, { op: 'start' }>): void {
     return;
   }
   exec.onFail = (reason) => post({ op: 'failed', index, reason });
+  exec.pollUs = m.pollUs;
   executors.set(index, exec);
   try {
     exec.start(runner, m.setup, m.fresh);

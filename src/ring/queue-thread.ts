@@ -38,6 +38,7 @@ export type ToThread =
       logBindings: Record<string, unknown>;
       /** The queue's ring counters (shared, so the daemon reads them live). */
       counters: SharedArrayBuffer;
+      pollUs: number;
     }
   | { op: 'stop'; index: number; seq: number }
   | { op: 'call' | 'err'; index: number; fd: number; seq: number }
@@ -157,6 +158,7 @@ export class ThreadHost implements QueueHost {
     private readonly log: QueueLogger & { bindings?(): Record<string, unknown> },
     private readonly setup: () => unknown,
     private readonly counters: CounterSet,
+    private readonly pollUs: number,
   ) {
     thread.attach(this);
   }
@@ -182,6 +184,7 @@ export class ThreadHost implements QueueHost {
       fresh,
       logBindings: this.log.bindings?.() ?? {},
       counters: this.counters.buffer,
+      pollUs: this.pollUs,
     });
   }
 

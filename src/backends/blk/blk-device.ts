@@ -216,7 +216,7 @@ export class BlkDevice implements Device {
 
   private startQueue(exec: QueueExecutor): QueueHandler {
     const q: BlkQueue = { exec, free: [], bad: 0, n: this.counters[exec.index]!.values };
-    return { run: () => this.serve(q), faults: 'status' };
+    return { run: () => this.serve(q), faults: 'status', poll: () => this.image.reap() };
   }
 
   stopQueue(): void {}

@@ -110,6 +110,11 @@ export class Image {
     if (!this.uring?.fdatasync(this.fd, cb)) fdatasync(this.fd, (err) => cb(err));
   }
 
+  /** Complete whatever io_uring finished (busy-polling does not wait for the eventfd). */
+  reap(): void {
+    this.uring?.reap();
+  }
+
   /** Hand queued io_uring requests to the kernel now (the end of a queue's run). */
   submit(): void {
     this.uring?.submit();
