@@ -120,6 +120,7 @@ interface BlkArgs extends OpsArgs {
   direct: boolean;
   aio: Aio;
   pollUs: number;
+  threads: number;
   serial: string;
   logicalBlockSize: number;
 }
@@ -253,8 +254,8 @@ async function runBlk(args: BlkArgs): Promise<number> {
   );
   log.info({ file: args.file, bytes: image.size, readonly: args.readonly, direct: image.direct, aio: image.aio }, 'image opened');
   if (image.aioNote && args.aio === 'auto') log.warn({ reason: image.aioNote }, 'io_uring unavailable: image I/O runs on the thread pool');
-  // blk queues share the daemon's thread: the kernel (io_uring) or libuv's pool does the file I/O.
-  const placement = new Placement(device, { threads: 0, logLevel: args.logLevel, name: 'blk', pollUs: args.pollUs });
+  // By default blk queues share the daemon's thread: the kernel (io_uring) does their file I/O.
+  const placement = new Placement(device, { threads: args.threads, logLevel: args.logLevel, name: 'blk', pollUs: args.pollUs });
   return serve(device, placement, listener, args, log, qemuCommandLine(listener.path, args.numQueues), () => image.close());
 }
 
@@ -353,6 +354,7 @@ export async function main(argv: string[]): Promise<number> {
             .option('num-queues', { type: 'number', default: 1, describe: `Request queues (1..64)` })
             .option('direct', { type: 'boolean', default: false, describe: 'Use O_DIRECT for aligned requests (bypasses the host page cache)' })
             .option('aio', { type: 'string', default: 'auto', choices: ['auto', 'io_uring', 'threads'], describe: 'Image I/O: io_uring, the thread pool, or io_uring where the kernel allows it' })
+            .option('threads', { type: 'number', default: 0, describe: 'Queue threads the queues are spread over (each with its own io_uring); 0 serves them on the main thread' })
             .option('poll-us', { type: 'number', default: 0, describe: 'After a burst, busy-poll the queue this many µs (0..1000) before waiting for a kick: lower latency for more CPU' })
             .option('serial', { type: 'string', default: 'vhostd', describe: 'Serial number returned by GET_ID (at most 20 bytes)' })
             .option('logical-block-size', { type: 'number', default: 512, describe: 'Logical block size: 512 or 4096' })
@@ -363,6 +365,9 @@ export async function main(argv: string[]): Promise<number> {
                 throw new UsageError('--logical-block-size must be 512 or 4096');
               }
               if (new TextEncoder().encode(a.serial).length > 20) throw new UsageError('--serial must be at most 20 bytes');
+              if (!Number.isInteger(a.threads) || a.threads < 0 || a.threads > a['num-queues']) {
+                throw new UsageError(`--threads must be an integer in 0..${a['num-queues']} (the number of queues)`);
+              }
               if (!Number.isInteger(a['poll-us']) || a['poll-us'] < 0 || a['poll-us'] > 1000) throw new UsageError('--poll-us must be an integer in 0..1000');
               return true;
             }),
@@ -377,6 +382,7 @@ export async function main(argv: string[]): Promise<number> {
             direct: a.direct,
             aio: a.aio as Aio,
             pollUs: a['poll-us'],
+            threads: a.threads,
             serial: a.serial,
             logicalBlockSize: a['logical-block-size'],
             logLevel: a['log-level'],

@@ -40,6 +40,8 @@ export class Server {
   private conn: Connection | undefined;
   private connections = 0;
   private closing = false;
+  /** A front-end that connected while the last one was being torn down: adopted once that is done. */
+  private next: number | undefined;
 
   /** The listening socket was handed to us (systemd, --fd): never unlink its path. */
   private adopted = false;
@@ -121,6 +123,12 @@ export class Server {
         this.log.warn({ errno: -fd }, 'accept failed');
         return;
       }
+      if (this.conn?.closed && !this.next && !this.closing) {
+        // The last front-end left and its queues are still draining (queue threads answer
+        // asynchronously): take the new one as soon as the device is reset, as QEMU would on retry.
+        this.next = fd;
+        continue;
+      }
       if (this.conn || this.closing) {
         this.log.warn('refusing a second front-end: the device already has one');
         native.close(fd);
@@ -139,6 +147,12 @@ export class Server {
     void conn.done.then(() => {
       if (this.conn === conn) this.conn = undefined;
       this.log.info({ conn: id }, 'connection closed; device reset, waiting for the next front-end');
+      const next = this.next;
+      this.next = undefined;
+      if (next !== undefined) {
+        if (this.closing) native.close(next);
+        else return void this.adopt(next);
+      }
       if (!this.closing) this.onChange?.(undefined);
     });
     return conn;

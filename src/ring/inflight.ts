@@ -69,7 +69,11 @@ export class InflightArea {
       this.numQueues = numQueues;
       this.queueSize = queueSize;
       const per = inflightQueueBytes(queueSize);
-      for (let q = 0; q < numQueues; q++) this.queues.push(new InflightQueue(new DataView(this.buffer, q * per, per), queueSize));
+      for (let q = 0; q < numQueues; q++) {
+        const iq = new InflightQueue(new DataView(this.buffer, q * per, per), queueSize);
+        iq.shared = { address: this.address + BigInt(q * per), length: per, capacity: queueSize };
+        this.queues.push(iq);
+      }
     } catch (e) {
       native.close(fd);
       throw e;
@@ -87,8 +91,17 @@ export class InflightArea {
   }
 }
 
+/** Where a queue's record is mapped in this process, so a queue thread can view it (never map it). */
+export interface SharedInflight {
+  address: bigint;
+  length: number;
+  capacity: number;
+}
+
 export class InflightQueue {
   private counter = 1;
+  /** Set by the InflightArea that mapped it. */
+  shared: SharedInflight | undefined;
 
   constructor(
     private readonly dv: DataView,
@@ -126,6 +139,17 @@ export class InflightQueue {
     pending.sort((a, b) => a.counter - b.counter);
     this.counter = max + 1;
     return { resubmit: pending.map((p) => p.head), recovered: true };
+  }
+
+  /**
+   * Take up a record another object kept (a queue thread's view of it, made
+   * anew at each start): go on numbering fetches after the highest so far, so
+   * recovery still resubmits in fetch order.
+   */
+  resumeNumbering(size: number): void {
+    let max = 0;
+    for (let h = 0; h < Math.min(size, this.capacity); h++) max = Math.max(max, this.getCounter(h));
+    this.counter = max + 1;
   }
 
   private reset(size: number, usedIdx: number, reason?: string): { resubmit: number[]; recovered: boolean; reason?: string } {

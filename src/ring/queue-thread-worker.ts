@@ -6,6 +6,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { pino } from 'pino';
 import { QueueExecutor, RingError, type QueueLogger, type QueueRunner } from './executor.js';
 import { GuestMemory } from './guest-memory.js';
+import { InflightQueue } from './inflight.js';
 import type { FromThread, ThreadInit, ToThread } from './queue-thread.js';
 import { native } from '../native/index.js';
 
@@ -18,6 +19,8 @@ const runner = createRunner(log);
 const mem = new GuestMemory();
 let memVersion = -1;
 const executors = new Map<number, QueueExecutor>();
+/** Views of the daemon's inflight records, per queue, while its executor runs (detached at its stop). */
+const inflightViews = new Map<number, ArrayBuffer>();
 
 const post = (m: FromThread): void => port.postMessage(m);
 
@@ -33,7 +36,7 @@ function start(m: Extract<ToThread, { op: 'start' }>): void {
   const qlog = log.child(m.logBindings);
   let exec: QueueExecutor;
   try {
-    exec = new QueueExecutor(m.cfg, mem, qlog, undefined, new CounterSet(RING_COUNTERS, m.counters));
+    exec = new QueueExecutor(m.cfg, mem, qlog, inflightFor(m), new CounterSet(RING_COUNTERS, m.counters));
   } catch (e) {
     if (!(e instanceof RingError)) throw e;
     qlog.error({ queue: index, reason: e.message }, 'virtqueue failed; it stays stopped until the front-end resets it');
@@ -51,6 +54,22 @@ function start(m: Extract<ToThread, { op: 'start' }>): void {
     if (!(e instanceof RingError)) throw e;
     exec.fail(e.message);
   }
+}
+
+/** A view of the queue's inflight record; a resume goes on with the numbering the record holds. */
+function inflightFor(m: Extract<ToThread, { op: 'start' }>): InflightQueue | undefined {
+  if (!m.inflight) return undefined;
+  const buffer = native.view(m.inflight.address, m.inflight.length);
+  inflightViews.set(m.cfg.index, buffer);
+  const q = new InflightQueue(new DataView(buffer), m.inflight.capacity);
+  if (!m.fresh) q.resumeNumbering(m.cfg.size);
+  return q;
+}
+
+function releaseInflight(index: number): void {
+  const b = inflightViews.get(index);
+  if (b) native.detach(b);
+  inflightViews.delete(index);
 }
 
 /** Nothing of guest memory may stay visible here once no executor runs: the daemon may unmap it next. */
@@ -71,6 +90,7 @@ async function stop(index: number, seq: number): Promise<void> {
     }
   } finally {
     executors.delete(index);
+    releaseInflight(index);
     releaseMemoryIfIdle();
     post({ op: 'stopped', index, seq, base, report });
   }

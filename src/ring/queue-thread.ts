@@ -13,7 +13,7 @@ import { CounterSet } from './counters.js';
 import { Worker } from 'node:worker_threads';
 import type { RingConfig, QueueLogger } from './executor.js';
 import type { GuestMemory, SharedRegion } from './guest-memory.js';
-import type { InflightQueue } from './inflight.js';
+import type { InflightQueue, SharedInflight } from './inflight.js';
 import type { QueueHost } from './queue.js';
 
 export interface QueueThreadOptions {
@@ -39,6 +39,8 @@ export type ToThread =
       /** The queue's ring counters (shared, so the daemon reads them live). */
       counters: SharedArrayBuffer;
       pollUs: number;
+      /** The queue's INFLIGHT_SHMFD record, as mapped by the daemon (the thread views it). */
+      inflight?: SharedInflight;
     }
   | { op: 'stop'; index: number; seq: number }
   | { op: 'call' | 'err'; index: number; fd: number; seq: number }
@@ -168,12 +170,6 @@ export class ThreadHost implements QueueHost {
   }
 
   start(cfg: RingConfig, inflight: InflightQueue | undefined, fresh: boolean): void {
-    if (inflight) {
-      // The inflight record is mapped on the daemon's thread only.
-      this.log.error({ queue: this.index, reason: 'INFLIGHT_SHMFD is not supported for queues on threads' }, 'virtqueue failed; it stays stopped until the front-end resets it');
-      this.onFailed?.('INFLIGHT_SHMFD is not supported for queues on threads');
-      return;
-    }
     this.running = true;
     this.thread.post({
       op: 'start',
@@ -185,6 +181,7 @@ export class ThreadHost implements QueueHost {
       logBindings: this.log.bindings?.() ?? {},
       counters: this.counters.buffer,
       pollUs: this.pollUs,
+      ...(inflight?.shared && { inflight: inflight.shared }),
     });
   }
 

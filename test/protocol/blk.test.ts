@@ -10,11 +10,15 @@ import { native, EAGAIN } from '../../src/native/index.js';
 import { bit, F_NEED_REPLY, F_REPLY, has, PF, readU64, Req, VERSION, VF } from '../driver/wire.js';
 
 const KINDS: BackendKind[] = availableKinds();
+/** vhostd with its queues on the daemon's thread and on queue threads (each with its own io_uring), then qsd. */
+const VARIANTS: [string, BackendKind, string[]][] = KINDS.flatMap((k): [string, BackendKind, string[]][] =>
+  k === 'vhostd' ? [['vhostd', k, []], ['vhostd on queue threads', k, ['--threads', '2']]] : [[k, k, []]],
+);
 const IMAGE = 64 * MiB;
 const CAPACITY = IMAGE / SECTOR;
 
-describe.each(KINDS)('vhost-user-blk protocol: %s', { timeout: 60_000 }, (kind) => {
-  const backend = useBackend(kind, { numQueues: 2, imageBytes: IMAGE });
+describe.each(VARIANTS)('vhost-user-blk protocol: %s', { timeout: 60_000 }, (_name, kind, extraArgs) => {
+  const backend = useBackend(kind, { numQueues: 2, imageBytes: IMAGE, extraArgs });
   let be: Backend;
   beforeEach(() => {
     be = backend();

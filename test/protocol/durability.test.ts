@@ -51,8 +51,13 @@ function completedDatasync(events: TraceEvent[]): boolean {
   return enter >= 0 && events.slice(enter + 1).some((e) => e.event === 'ext4_sync_file_exit' && /ret 0/.test(e.text));
 }
 
-describe.each(['io_uring', 'threads'] as const)('durability with --aio %s (ext4 tracepoints)', (aio) => {
-  const be = useBackend('vhostd', { extraArgs: ['--aio', aio] });
+// Both engines on the daemon's thread, and io_uring on a queue thread (the cache mode is shared memory there).
+describe.each([
+  ['io_uring', ''],
+  ['threads', ''],
+  ['io_uring', ' on a queue thread'],
+] as const)('durability with --aio %s%s (ext4 tracepoints)', (aio, where) => {
+  const be = useBackend('vhostd', { numQueues: 1, extraArgs: ['--aio', aio, ...(where ? ['--threads', '1'] : [])] });
 
   it('runs on the engine asked for', () => {
     expect(be().output()).toMatch(new RegExp(`"aio":"${aio}"`));

@@ -100,8 +100,12 @@ function inflightWarnings(out: string): number {
   return out.split('\n').filter((l) => l.includes('"level":40') && /inflight/i.test(l)).length;
 }
 
-describe('vhostd inflight I/O tracking (INFLIGHT_SHMFD)', { timeout: 60_000 }, () => {
-  const backend = useBackend('vhostd', { numQueues: 2, imageBytes: IMAGE });
+// On the daemon's thread and on queue threads, which view the daemon's mapping of the record.
+describe.each([
+  ['', [] as string[]],
+  [' on queue threads', ['--threads', '1']],
+])('vhostd inflight I/O tracking (INFLIGHT_SHMFD)%s', { timeout: 60_000 }, (_where, placement) => {
+  const backend = useBackend('vhostd', { numQueues: 2, imageBytes: IMAGE, extraArgs: placement });
   let be: Backend;
   beforeEach(() => {
     be = backend();
@@ -728,7 +732,7 @@ describe('vhostd inflight I/O tracking (INFLIGHT_SHMFD)', { timeout: 60_000 }, (
 
   describe('recovery from a real crash', () => {
     it('SIGKILL with writes in flight; a new daemon on the same image resumes them: every request completes once, all data lands', async () => {
-      const own = await startBackend('vhostd', { numQueues: 1, imageBytes: 256 * MiB });
+      const own = await startBackend('vhostd', { numQueues: 1, imageBytes: 256 * MiB, extraArgs: placement });
       let second: ChildProcess | undefined;
       let secondOut = '';
       const mem = new GuestMemory([{ gpa: 0, size: 96 * MiB }]);
@@ -785,7 +789,7 @@ describe('vhostd inflight I/O tracking (INFLIGHT_SHMFD)', { timeout: 60_000 }, (
         fe!.close();
         // QEMU restores last_avail to used->idx after a back-end crash.
         q.base = q.usedIdx();
-        second = spawn(process.execPath, [VHOSTD_BIN, 'blk', '--socket', own.socket, '--file', own.image, '--num-queues', '1', '--log-level', 'debug'], {
+        second = spawn(process.execPath, [VHOSTD_BIN, 'blk', '--socket', own.socket, '--file', own.image, '--num-queues', '1', '--log-level', 'debug', ...placement], {
           stdio: ['ignore', 'pipe', 'pipe'],
         });
         second.stdout!.on('data', (b: Buffer) => (secondOut += b.toString()));

@@ -22,73 +22,42 @@ export interface ImageOptions {
   aio?: Aio;
 }
 
-export class Image {
-  readonly path: string;
-  readonly size: number;
-  readonly readonly: boolean;
+/**
+ * An image's open descriptors and facts: plain data, so a queue thread can be
+ * handed them and do I/O on the same descriptors (which only the Image owns).
+ */
+export interface ImageFiles {
+  path: string;
+  size: number;
+  readonly: boolean;
   /** Buffered fd: every request can use it. */
-  private readonly fd: number;
-  /** O_DIRECT fd for aligned requests, when --direct is on. */
-  private readonly directFd: number;
-  /**
-   * O_DSYNC fd for write-through mode. Opened here, with the others: opening it
-   * when the first write-through request arrives would block the loop in openat.
-   */
-  private readonly dsyncFd: number;
-  private readonly uring: IoUring | undefined;
-  /** The engine in use, and why io_uring is not (when it is not). */
-  readonly aio: 'io_uring' | 'threads';
-  readonly aioNote: string | undefined;
+  fd: number;
+  /** O_DIRECT fd for aligned requests, when --direct is on; else -1. */
+  directFd: number;
+  /** O_DSYNC fd for write-through on the thread pool (io_uring uses RWF_DSYNC instead). */
+  dsyncFd: number;
+  aio: 'io_uring' | 'threads';
+}
 
-  constructor(opts: ImageOptions) {
-    this.path = opts.path;
-    this.readonly = opts.readonly;
-    const mode = opts.readonly ? constants.O_RDONLY : constants.O_RDWR;
-    let st: Stats;
-    this.fd = openSync(opts.path, mode);
-    try {
-      st = fstatSync(this.fd);
-      if (st.isFile()) this.size = st.size;
-      else if (st.isBlockDevice()) this.size = blockDeviceSize(this.fd);
-      else throw new Error(`${opts.path} is neither a regular file nor a block device`);
-      this.directFd = opts.direct ? openSync(opts.path, mode | constants.O_DIRECT) : -1;
-      try {
-        this.dsyncFd = openSync(opts.path, mode | constants.O_DSYNC);
-      } catch (e) {
-        if (this.directFd >= 0) closeSync(this.directFd);
-        throw e;
-      }
-    } catch (e) {
-      closeSync(this.fd);
-      throw e;
-    }
-    const want = opts.aio ?? 'auto';
-    const ring = want === 'threads' ? 'threads were asked for' : IoUring.open(URING_ENTRIES);
-    if (typeof ring === 'string') {
-      if (want === 'io_uring') {
-        this.close();
-        throw new Error(`--aio io_uring: ${ring}`);
-      }
-      this.aio = 'threads';
-      this.aioNote = ring;
-    } else {
-      this.uring = ring;
-      this.aio = 'io_uring';
-    }
-  }
-
-  get direct(): boolean {
-    return this.directFd >= 0;
-  }
+/**
+ * The I/O of one thread on an image's descriptors: through that thread's
+ * io_uring when it has one, else libuv's pool (which also runs fallocate).
+ */
+export class ImageIo {
+  constructor(
+    readonly files: ImageFiles,
+    private readonly uring: IoUring | undefined,
+  ) {}
 
   /** Pick the fd for one request: direct when everything is aligned, else buffered. */
   private fdFor(position: number, iov: Uint8Array[], durable: boolean): number {
-    if (durable) return this.dsyncFd;
-    if (this.directFd < 0 || position % DIRECT_ALIGN) return this.fd;
+    const f = this.files;
+    if (durable) return f.dsyncFd;
+    if (f.directFd < 0 || position % DIRECT_ALIGN) return f.fd;
     for (const v of iov) {
-      if (v.byteLength % DIRECT_ALIGN || Number(native.address(v) % BigInt(DIRECT_ALIGN))) return this.fd;
+      if (v.byteLength % DIRECT_ALIGN || Number(native.address(v) % BigInt(DIRECT_ALIGN))) return f.fd;
     }
-    return this.directFd;
+    return f.directFd;
   }
 
   read(position: number, iov: Uint8Array[], cb: (err: Error | null) => void): void {
@@ -107,7 +76,7 @@ export class Image {
   }
 
   flush(cb: (err: Error | null) => void): void {
-    if (!this.uring?.fdatasync(this.fd, cb)) fdatasync(this.fd, (err) => cb(err));
+    if (!this.uring?.fdatasync(this.files.fd, cb)) fdatasync(this.files.fd, (err) => cb(err));
   }
 
   /** Complete whatever io_uring finished (busy-polling does not wait for the eventfd). */
@@ -133,7 +102,7 @@ export class Image {
    * discard is a hint.
    */
   discard(offset: number, length: number, cb: (err: Error | null) => void): void {
-    native.fallocateAsync(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, (rc) => {
+    native.fallocateAsync(this.files.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, (rc) => {
       if (rc === 0 || rc === -EOPNOTSUPP) cb(null);
       else cb(new Error(`punch hole failed: errno ${-rc}`));
     });
@@ -149,7 +118,7 @@ export class Image {
     const done = (err: Error | null): void => (durable && !err ? this.flush(cb) : cb(err));
     const attempt = (m: number): void => {
       if (m === modes.length) return this.writeZeroChunks(offset, length, done);
-      native.fallocateAsync(this.fd, modes[m]!, offset, length, (rc) => {
+      native.fallocateAsync(this.files.fd, modes[m]!, offset, length, (rc) => {
         if (rc === 0) return done(null);
         if (rc !== -EOPNOTSUPP) return cb(new Error(`fallocate failed: errno ${-rc}`));
         attempt(m + 1);
@@ -166,14 +135,116 @@ export class Image {
     const next = (err: Error | null): void => {
       if (err || i === chunks.length) return cb(err);
       const pos = offset + i * ZERO_CHUNK.length;
-      transfer(writev, this.fd, pos, [chunks[i++]!], next);
+      transfer(writev, this.files.fd, pos, [chunks[i++]!], next);
     };
     next(null);
   }
+}
 
+let threadRing: IoUring | string | undefined;
+
+/**
+ * I/O on borrowed descriptors from a queue thread: through this thread's own
+ * io_uring (one per thread, opened at first use) when the image uses io_uring.
+ * A thread that cannot open one uses the pool, and `note` says why.
+ */
+export function threadImageIo(files: ImageFiles): { io: ImageIo; note?: string } {
+  if (files.aio !== 'io_uring') return { io: new ImageIo(files, undefined) };
+  threadRing ??= IoUring.open(URING_ENTRIES);
+  if (typeof threadRing === 'string') return { io: new ImageIo(files, undefined), note: threadRing };
+  return { io: new ImageIo(files, threadRing) };
+}
+
+/** The image a blk device serves: opens and owns the descriptors, and does the daemon thread's I/O. */
+export class Image {
+  readonly files: ImageFiles;
+  /** I/O from the daemon's thread. */
+  readonly io: ImageIo;
+  private readonly uring: IoUring | undefined;
+  /** Why io_uring is not in use, when it is not. */
+  readonly aioNote: string | undefined;
+
+  constructor(opts: ImageOptions) {
+    const mode = opts.readonly ? constants.O_RDONLY : constants.O_RDWR;
+    let st: Stats;
+    let size: number;
+    let directFd = -1;
+    let dsyncFd: number;
+    const fd = openSync(opts.path, mode);
+    try {
+      st = fstatSync(fd);
+      if (st.isFile()) size = st.size;
+      else if (st.isBlockDevice()) size = blockDeviceSize(fd);
+      else throw new Error(`${opts.path} is neither a regular file nor a block device`);
+      directFd = opts.direct ? openSync(opts.path, mode | constants.O_DIRECT) : -1;
+      // Opened now, with the others: opening it at the first write-through request would block the loop in openat.
+      dsyncFd = openSync(opts.path, mode | constants.O_DSYNC);
+    } catch (e) {
+      closeSync(fd);
+      if (directFd >= 0) closeSync(directFd);
+      throw e;
+    }
+    const want = opts.aio ?? 'auto';
+    const ring = want === 'threads' ? 'threads were asked for' : IoUring.open(URING_ENTRIES);
+    if (typeof ring === 'string' && want === 'io_uring') {
+      for (const f of [fd, directFd, dsyncFd]) if (f >= 0) closeSync(f);
+      throw new Error(`--aio io_uring: ${ring}`);
+    }
+    if (typeof ring === 'string') this.aioNote = ring;
+    else this.uring = ring;
+    this.files = { path: opts.path, size, readonly: opts.readonly, fd, directFd, dsyncFd, aio: this.uring ? 'io_uring' : 'threads' };
+    this.io = new ImageIo(this.files, this.uring);
+  }
+
+  get path(): string {
+    return this.files.path;
+  }
+
+  get size(): number {
+    return this.files.size;
+  }
+
+  get readonly(): boolean {
+    return this.files.readonly;
+  }
+
+  get aio(): 'io_uring' | 'threads' {
+    return this.files.aio;
+  }
+
+  get direct(): boolean {
+    return this.files.directFd >= 0;
+  }
+
+  read(position: number, iov: Uint8Array[], cb: (err: Error | null) => void): void {
+    this.io.read(position, iov, cb);
+  }
+
+  write(position: number, iov: Uint8Array[], durable: boolean, cb: (err: Error | null) => void): void {
+    this.io.write(position, iov, durable, cb);
+  }
+
+  flush(cb: (err: Error | null) => void): void {
+    this.io.flush(cb);
+  }
+
+  discard(offset: number, length: number, cb: (err: Error | null) => void): void {
+    this.io.discard(offset, length, cb);
+  }
+
+  writeZeroes(offset: number, length: number, unmap: boolean, durable: boolean, cb: (err: Error | null) => void): void {
+    this.io.writeZeroes(offset, length, unmap, durable, cb);
+  }
+
+  get uringCounts(): { submits: number; submitted: number; inFlight: number } | undefined {
+    return this.io.uringCounts;
+  }
+
+  /** After every queue stopped: queue threads borrowed the descriptors only while serving. */
   close(): void {
     this.uring?.close();
-    for (const fd of [this.fd, this.directFd, this.dsyncFd]) if (fd >= 0) closeSync(fd);
+    const f = this.files;
+    for (const fd of [f.fd, f.directFd, f.dsyncFd]) if (fd >= 0) closeSync(fd);
   }
 }
 
