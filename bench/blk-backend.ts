@@ -62,11 +62,11 @@ for (const rw of ['randread', 'randwrite'] as const)
 FULL.push(wl('read', 65536, 8, 1), wl('write', 65536, 8, 1));
 const QUICK: Workload[] = [wl('randread', 4096, 1, 1), wl('randread', 4096, 32, 1), wl('randwrite', 4096, 32, 2), wl('read', 65536, 8, 1)];
 
-const BACKENDS = ['vhostd', 'vhostd-threads', 'vhostd-poll', 'qsd-threads', 'qsd-io_uring', 'qsd-null'] as const;
+const BACKENDS = ['vhostd', 'vhostd-threads', 'vhostd-poll', 'vhostd-mt', 'qsd-threads', 'qsd-io_uring', 'qsd-null'] as const;
 type BackendName = (typeof BACKENDS)[number];
-const REAL: BackendName[] = ['vhostd', 'vhostd-threads', 'vhostd-poll', 'qsd-threads', 'qsd-io_uring'];
-/** Run unless --backends names them: vhostd-poll is for the latency question, not every workload. */
-const OPTIONAL: BackendName[] = ['vhostd-poll'];
+const REAL: BackendName[] = ['vhostd', 'vhostd-threads', 'vhostd-poll', 'vhostd-mt', 'qsd-threads', 'qsd-io_uring'];
+/** Run only when --backends names them: vhostd-poll (latency) and vhostd-mt (a queue thread per queue) answer narrower questions. */
+const OPTIONAL: BackendName[] = ['vhostd-poll', 'vhostd-mt'];
 const MAX_QUEUES = 2;
 /** vhostd-poll's --poll-us: long enough to cover a QD1 round trip through the load generator. */
 const POLL_US = 100;
@@ -128,6 +128,8 @@ function startBackend(name: BackendName, dir: string, image: string): Promise<Ba
       return startVhostd(['--file', image, '--num-queues', String(MAX_QUEUES), '--log-level', 'warn', '--aio', 'io_uring'], socket);
     case 'vhostd-poll':
       return startVhostd(['--file', image, '--num-queues', String(MAX_QUEUES), '--log-level', 'warn', '--aio', 'io_uring', '--poll-us', String(POLL_US)], socket);
+    case 'vhostd-mt':
+      return startVhostd(['--file', image, '--num-queues', String(MAX_QUEUES), '--log-level', 'warn', '--aio', 'io_uring', '--threads', String(MAX_QUEUES)], socket);
     case 'vhostd-threads':
       return startVhostd(['--file', image, '--num-queues', String(MAX_QUEUES), '--log-level', 'warn', '--aio', 'threads'], socket);
     case 'qsd-threads':
