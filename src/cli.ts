@@ -2,7 +2,6 @@
 import { closeSync, existsSync, mkdirSync, openSync, ftruncateSync } from 'node:fs';
 import { basename, dirname } from 'node:path';
 import { pino, type Logger } from 'pino';
-import pretty from 'pino-pretty';
 import yargs, { type Argv } from 'yargs';
 import { BlkDevice, MAX_QUEUE_SIZE } from './backends/blk/blk-device.js';
 import { Image, type Aio } from './backends/blk/image.js';
@@ -14,7 +13,7 @@ import { native } from './native/index.js';
 import { Server } from './protocol/server.js';
 import { listenFds, ListenFdError, Notifier, prepareListener } from './systemd.js';
 import { ControlServer, defaultControlPath, request } from './control.js';
-import { Metrics } from './metrics.js';
+import type { Metrics } from './metrics.js';
 import { formatStats, Stats, type StatsSnapshot } from './stats.js';
 
 export const DEFAULT_BLK_SOCKET = '/run/vhostd/blk0.sock';
@@ -88,11 +87,16 @@ interface OpsArgs {
   logLevel: string;
 }
 
-/** pino JSON for journals and pipes; readable lines on a terminal. Every line names the device. */
-function makeLogger(level: string, device: string): Logger {
+/**
+ * pino JSON for journals and pipes; readable lines on a terminal. Every line
+ * names the device. pino-pretty (like prom-client) is loaded only when used:
+ * a daemon under systemd should not carry it in its idle memory.
+ */
+async function makeLogger(level: string, device: string): Promise<Logger> {
   const opts = { name: 'vhostd', level };
-  const base = process.stdout.isTTY ? pino(opts, pretty({ sync: true, colorize: true })) : pino(opts);
-  return base.child({ device });
+  if (!process.stdout.isTTY) return pino(opts).child({ device });
+  const { default: pretty } = await import('pino-pretty');
+  return pino(opts, pretty({ sync: true, colorize: true })).child({ device });
 }
 
 /** The id in logs and metrics: --id, else the socket's file name without .sock. */
@@ -186,7 +190,7 @@ async function serve(device: Device, placement: Placement, listener: Listener, o
         throw new Error(`unknown command ${JSON.stringify(cmd.slice(0, 40))}; the control socket knows: stats`);
       }, log);
     }
-    if (ops.metrics) metrics = await Metrics.listen(ops.metrics, () => stats.snapshot(), log);
+    if (ops.metrics) metrics = await (await import('./metrics.js')).Metrics.listen(ops.metrics, () => stats.snapshot(), log);
   } catch (e) {
     stats.close();
     await control?.close();
@@ -235,7 +239,7 @@ function ensureDefaultImage(path: string, log: Logger): void {
 
 async function runBlk(args: BlkArgs): Promise<number> {
   const listener = chooseListener(args, DEFAULT_BLK_SOCKET);
-  const log = makeLogger(args.logLevel, deviceId(args, listener, 'blk'));
+  const log = await makeLogger(args.logLevel, deviceId(args, listener, 'blk'));
   if (args.file === DEFAULT_BLK_IMAGE) ensureDefaultImage(args.file, log);
   if (listener.kind === 'path' && listener.path === DEFAULT_BLK_SOCKET) mkdirSync(dirname(listener.path), { recursive: true });
 
@@ -272,7 +276,7 @@ interface NetArgs extends OpsArgs {
 
 async function runNet(args: NetArgs): Promise<number> {
   const listener = chooseListener(args, DEFAULT_NET_SOCKET);
-  const log = makeLogger(args.logLevel, deviceId(args, listener, 'net'));
+  const log = await makeLogger(args.logLevel, deviceId(args, listener, 'net'));
   if (listener.kind === 'path' && listener.path === DEFAULT_NET_SOCKET) mkdirSync(dirname(listener.path), { recursive: true });
   let tap: Tap;
   try {
