@@ -1,6 +1,6 @@
 // Guest fio 4k random-read IOPS through vhostd and through qemu-storage-daemon,
 // measured in one run, alternating back-ends, and reported as a ratio.
-// Usage: npm run bench [-- --rounds N --seconds S --iodepth D --jobs J]
+// Usage: npm run bench:blk [-- --rounds N --seconds S --iodepth D --jobs J]
 import { mkdtemp, open, rm, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
