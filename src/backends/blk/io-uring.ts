@@ -34,6 +34,14 @@ const OP_WRITEV = 2;
 const OP_FSYNC = 3;
 const FSYNC_DATASYNC = 1;
 const RWF_DSYNC = 2;
+const SQE_ASYNC = 1 << 4;
+/**
+ * SQEs of a batch that io_uring_enter may serve inline. The first goes inline (a lone request,
+ * QD 1, completes inside the call with no thread hop); the rest go to io-wq, which copies page-cache
+ * data on the other cores in parallel. Measured on 2 cores, 4k random reads from a tmpfs image:
+ * QD 128 1.5-1.75x the IOPS at half the CPU per I/O of all-inline, QD 1 unchanged.
+ */
+const INLINE_PER_BATCH = 1;
 const EAGAIN = 11;
 const EBUSY = 16;
 
@@ -220,7 +228,9 @@ export class IoUring {
     const e = (this.tail & this.sqMask) * (SQE_BYTES / 4);
     const w = this.sqes;
     this.sqeBytes.fill(0, e * 4, e * 4 + SQE_BYTES);
-    w[e] = op.code; // opcode; flags, ioprio 0
+    // Past the first INLINE_PER_BATCH of a batch, IOSQE_ASYNC (see there).
+    const staged = (this.tail - Atomics.load(this.sqHead, 0)) >>> 0;
+    w[e] = op.code | (staged >= INLINE_PER_BATCH ? SQE_ASYNC << 8 : 0); // opcode, flags; ioprio 0
     w[e + 1] = op.fd;
     w[e + 2] = (op.position + op.moved) % TWO32;
     w[e + 3] = Math.floor((op.position + op.moved) / TWO32);
