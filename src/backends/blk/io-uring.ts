@@ -331,13 +331,12 @@ export class IoUring {
   /** Complete every posted CQE. */
   reap(): void {
     for (let rounds = 0; rounds < 2; rounds++) {
-      let head = Atomics.load(this.cqHead, 0);
-      while (head !== Atomics.load(this.cqTail, 0)) {
+      // The head is re-read each time: a callback may reap too (a short transfer re-queued into a full arena submits).
+      for (let head = Atomics.load(this.cqHead, 0); head !== Atomics.load(this.cqTail, 0); head = Atomics.load(this.cqHead, 0)) {
         const c = (head & this.cqMask) * (CQE_BYTES / 4);
         const slot = this.cqes[c]!;
         const res = this.cqes[c + 2]!;
-        head = (head + 1) >>> 0;
-        Atomics.store(this.cqHead, 0, head);
+        Atomics.store(this.cqHead, 0, (head + 1) >>> 0);
         this.finish(slot, res);
       }
       // Overflowed completions (NODROP) are flushed into the ring by entering with GETEVENTS.
