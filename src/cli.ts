@@ -158,6 +158,12 @@ async function serve(device: Device, placement: Placement, listener: Listener, o
     process.once('SIGTERM', () => resolve('SIGTERM'));
     process.once('SIGINT', () => resolve('SIGINT'));
   });
+  // SIGHUP: the image may have grown (as `vhostd resize` asks over the control socket).
+  const onHup = (): void => {
+    if (!device.resize) return void log.info('SIGHUP: nothing to reload for this device');
+    void device.resize().then((r) => log[r.ok ? 'info' : 'warn']({ bytes: r.bytes }, `SIGHUP: ${r.message}`));
+  };
+  process.on('SIGHUP', onHup);
   const socket = listener.path;
   const server = new Server(socket, device, placement, log);
   const notifier = new Notifier();
@@ -187,7 +193,8 @@ async function serve(device: Device, placement: Placement, listener: Listener, o
     if (controlPath && controlPath !== 'none') {
       control = await ControlServer.listen(controlPath, (cmd) => {
         if (cmd === 'stats') return stats.snapshot();
-        throw new Error(`unknown command ${JSON.stringify(cmd.slice(0, 40))}; the control socket knows: stats`);
+        if (cmd === 'resize' && device.resize) return device.resize();
+        throw new Error(`unknown command ${JSON.stringify(cmd.slice(0, 40))}; the control socket knows: stats${device.resize ? ', resize' : ''}`);
       }, log);
     }
     if (ops.metrics) metrics = await (await import('./metrics.js')).Metrics.listen(ops.metrics, () => stats.snapshot(), log);
@@ -454,7 +461,28 @@ export async function main(argv: string[]): Promise<number> {
           result = await printStats(path, a.json, a.watch);
         },
       )
-      .demandCommand(1, 'name a command: vhostd blk --help, vhostd net --help, vhostd stats --help')
+      .command(
+        'resize',
+        'Tell a running blk daemon that its image grew (as SIGHUP does): the guest sees the new size',
+        (y) =>
+          y
+            .option('control', { type: 'string', describe: 'The daemon\'s control socket [default: from --socket]' })
+            .option('socket', { type: 'string', alias: 'socket-path', describe: `The daemon's vhost-user socket, to find its control socket [default: ${DEFAULT_BLK_SOCKET}]` })
+            .example('truncate -s +1G disk0.img && $0 resize --control /run/vhostd/disk0.ctl', ''),
+        async (a) => {
+          const path = a.control ?? defaultControlPath(a.socket ?? DEFAULT_BLK_SOCKET);
+          let r: { ok?: boolean; message?: string; error?: string };
+          try {
+            r = (await request(path, 'resize', 15_000)) as typeof r;
+          } catch (e) {
+            throw new UsageError((e as Error).message);
+          }
+          if (r.error) throw new UsageError(`${path}: ${r.error}`);
+          process.stdout.write(`${r.message}\n`);
+          result = r.ok ? 0 : 1;
+        },
+      )
+      .demandCommand(1, 'name a command: vhostd blk --help, vhostd net --help, vhostd stats --help, vhostd resize --help')
       .strict()
       .fail((msg, err) => {
         throw err ?? new UsageError(msg);

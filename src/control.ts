@@ -27,7 +27,7 @@ export class ControlServer {
   }
 
   /** Listen on `path`, answering with `handle(command)`; a stale socket file from a dead daemon is replaced. */
-  static async listen(path: string, handle: (command: string) => unknown, log: Logger): Promise<ControlServer> {
+  static async listen(path: string, handle: (command: string) => unknown | Promise<unknown>, log: Logger): Promise<ControlServer> {
     if (existsSync(path)) {
       if (!lstatSync(path).isSocket()) throw new Error(`${path} exists and is not a socket`);
       if (await answers(path)) throw new Error(`${path} is in use by another daemon`);
@@ -54,7 +54,7 @@ export class ControlServer {
     return c;
   }
 
-  private serve(sock: Socket, handle: (command: string) => unknown, log: Logger): void {
+  private serve(sock: Socket, handle: (command: string) => unknown | Promise<unknown>, log: Logger): void {
     if (this.clients >= MAX_CLIENTS) {
       sock.destroy();
       return;
@@ -71,17 +71,17 @@ export class ControlServer {
       if (nl < 0 && got.length <= MAX_REQUEST) return;
       sock.removeAllListeners('data');
       const command = (nl < 0 ? got : got.slice(0, nl)).trim();
-      let reply: unknown;
-      if (nl < 0) reply = { error: `request longer than ${MAX_REQUEST} bytes` };
-      else {
-        try {
-          reply = handle(command);
-        } catch (e) {
-          log.error({ err: e, command }, 'control request failed');
-          reply = { error: (e as Error).message };
-        }
+      if (nl < 0) {
+        sock.end(`${JSON.stringify({ error: `request longer than ${MAX_REQUEST} bytes` })}\n`);
+        return;
       }
-      sock.end(`${JSON.stringify(reply)}\n`);
+      Promise.resolve()
+        .then(() => handle(command))
+        .catch((e: Error) => {
+          if (!/^unknown command/.test(e.message)) log.error({ err: e, command }, 'control request failed');
+          return { error: e.message };
+        })
+        .then((reply) => sock.end(`${JSON.stringify(reply)}\n`));
     });
   }
 

@@ -43,6 +43,13 @@ export interface Device extends QueueRunnerSource {
   queueStats(index: number): Record<string, number> | undefined;
   /** Device-wide facts and values for stats (image, engine, tap, MTU). */
   deviceStats?(): Record<string, unknown>;
+  /**
+   * Called by the protocol layer with a function that tells the front-end the
+   * config space changed (CONFIG_CHANGE_MSG); undefined when it cannot be told.
+   */
+  setConfigNotifier?(notify: (() => Promise<string | undefined>) | undefined): void;
+  /** Online resize (SIGHUP, `vhostd resize`): re-read the backing size and tell the front-end. */
+  resize?(): Promise<{ ok: boolean; message: string; bytes: number }>;
   /** SEND_RARP: announce the guest's MAC after migration. */
   sendRarp?(mac: Uint8Array): void;
 }

@@ -31,6 +31,7 @@ import {
   encodeVringState,
   F_PROTOCOL_FEATURES,
   ProtocolError,
+  BackendReq,
   ProtocolFeature,
   requestName,
   VRING_IDX_MASK,
@@ -38,6 +39,7 @@ import {
   type MemRegion,
 } from './messages.js';
 import type { Message } from './requests.js';
+import { BackendChannel } from './backend-channel.js';
 
 /** Protocol features implemented here, for every device. Devices add their own. */
 export const BASE_PROTOCOL_FEATURES =
@@ -81,6 +83,7 @@ export class Handlers {
   private inflight: InflightArea | undefined;
   ackedFeatures = 0n;
   ackedProtocol = 0n;
+  private backend: BackendChannel | undefined;
   private featuresSet = false;
   /** Rings whose kick fd came before the rest of their configuration: started once that is complete. */
   private readonly waitingForConfig = new Set<Virtqueue>();
@@ -440,6 +443,27 @@ export class Handlers {
     }
   }
 
+  /** SET_BACKEND_REQ_FD: the channel for the back-end's own requests (config changes). */
+  setBackendReqFd(msg: Message): void {
+    this.backend?.close();
+    this.backend = new BackendChannel(msg.fds.pop()!, (this.ackedProtocol & bit(ProtocolFeature.REPLY_ACK)) !== 0n);
+    const channel = this.backend;
+    this.device.setConfigNotifier?.(async () => {
+      if (!(this.ackedProtocol & bit(ProtocolFeature.CONFIG))) return 'the front-end did not negotiate CONFIG';
+      const why = await channel.request(BackendReq.CONFIG_CHANGE_MSG);
+      if (why) this.log.warn({ reason: why }, 'CONFIG_CHANGE_MSG failed');
+      else this.log.info('front-end told of the config change');
+      return why;
+    });
+    this.io.ack(msg, true);
+  }
+
+  private closeBackendChannel(): void {
+    this.device.setConfigNotifier?.(undefined);
+    this.backend?.close();
+    this.backend = undefined;
+  }
+
   setInflightFd(msg: Message): void {
     const m = decodeInflight(msg.payload);
     // Refusals leave the fd in msg.fds, where the connection closes it.
@@ -515,6 +539,7 @@ export class Handlers {
     this.mem.clear();
     this.inflight?.close();
     this.inflight = undefined;
+    this.closeBackendChannel();
   }
 }
 

@@ -43,6 +43,11 @@ export enum Req {
   GET_STATUS = 40,
 }
 
+/** Requests the back-end sends on the BACKEND_REQ channel. */
+export const BackendReq = {
+  CONFIG_CHANGE_MSG: 2,
+} as const;
+
 export const ProtocolFeature = {
   MQ: 0,
   LOG_SHMFD: 1,

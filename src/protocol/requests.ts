@@ -71,6 +71,7 @@ const entries: [Req, RequestSpec][] = [
   [Req.NET_SET_MTU, { size: SIZE_U64, fds: 'none', feature: ProtocolFeature.MTU, handle: (h, m) => h.netSetMtu(m) }],
   [Req.GET_CONFIG, { size: (r, p) => void decodeConfig(r, p), fds: 'none', feature: ProtocolFeature.CONFIG, handle: (h, m) => h.getConfig(m) }],
   [Req.SET_CONFIG, { size: (r, p) => void decodeConfig(r, p), fds: 'none', feature: ProtocolFeature.CONFIG, handle: (h, m) => h.setConfig(m) }],
+  [Req.SET_BACKEND_REQ_FD, { size: 0, fds: 'one', feature: ProtocolFeature.BACKEND_REQ, handle: (h, m) => h.setBackendReqFd(m) }],
   [Req.GET_INFLIGHT_FD, { size: SIZE_INFLIGHT, fds: 'none', feature: ProtocolFeature.INFLIGHT_SHMFD, handle: (h, m) => h.getInflightFd(m) }],
   [Req.SET_INFLIGHT_FD, { size: SIZE_INFLIGHT, fds: 'one', feature: ProtocolFeature.INFLIGHT_SHMFD, handle: (h, m) => h.setInflightFd(m) }],
   [Req.RESET_DEVICE, { size: 0, fds: 'none', feature: ProtocolFeature.RESET_DEVICE, waits: true, handle: (h, m) => h.resetDevice(m) }],

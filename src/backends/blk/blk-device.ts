@@ -37,7 +37,7 @@ import {
   SECTOR,
   type BlkConfig,
 } from './config.js';
-import { blkRunner, BLK_COUNTERS, BLK_STATE_SLOTS, WRITEBACK, type BlkSetup } from './blk-queue.js';
+import { blkRunner, BLK_COUNTERS, BLK_STATE_BYTES, BLK_STATE_SLOTS, CAPACITY_OFFSET, WRITEBACK, type BlkSetup } from './blk-queue.js';
 import type { Image } from './image.js';
 
 export { MAX_QUEUE_SIZE };
@@ -59,7 +59,7 @@ export class BlkDevice implements Device {
     return this.numQueues;
   }
   readonly features: bigint;
-  readonly protocolFeatures = bit(9) | bit(12); // CONFIG, INFLIGHT_SHMFD
+  readonly protocolFeatures = bit(5) | bit(9) | bit(12); // BACKEND_REQ, CONFIG, INFLIGHT_SHMFD
   /** The data path on the daemon's thread; queue threads load runnerModule instead. */
   readonly runner: QueueRunner;
   readonly runnerModule = new URL('./blk-queue.js', import.meta.url);
@@ -67,8 +67,11 @@ export class BlkDevice implements Device {
   private readonly serial: Uint8Array;
   private readonly blkSize: number;
   /** The driver's cache mode, shared with the queues wherever they run (BlkSetup.state). */
-  private readonly state = new SharedArrayBuffer(4 * BLK_STATE_SLOTS);
-  private readonly stateView = new Int32Array(this.state);
+  private readonly state = new SharedArrayBuffer(BLK_STATE_BYTES);
+  private readonly stateView = new Int32Array(this.state, 0, BLK_STATE_SLOTS);
+  /** The disk's size in bytes as the queues see it: grows on resize(). */
+  private readonly capacity = new Float64Array(this.state, CAPACITY_OFFSET, 1);
+  private notifyConfig: (() => Promise<string | undefined>) | undefined;
   private acked = 0n;
   private readonly counters: CounterSet[];
 
@@ -91,11 +94,44 @@ export class BlkDevice implements Device {
     this.features = f;
     this.counters = Array.from({ length: this.numQueues }, () => new CounterSet(BLK_COUNTERS));
     Atomics.store(this.stateView, WRITEBACK, 1);
+    this.capacity[0] = this.image.size;
     this.runner = blkRunner(() => this.image.io);
   }
 
   get capacitySectors(): bigint {
-    return BigInt(Math.floor(this.image.size / SECTOR));
+    return BigInt(Math.floor(this.capacity[0]! / SECTOR));
+  }
+
+  setConfigNotifier(notify: (() => Promise<string | undefined>) | undefined): void {
+    this.notifyConfig = notify;
+  }
+
+  /**
+   * Online resize: read the image's size again; if it grew, the guest sees the
+   * new capacity (the front-end is told through CONFIG_CHANGE_MSG). A shrunk
+   * image is refused: the guest may hold data past the new end, and losing it
+   * silently is worse than keeping the old size until it is dealt with.
+   */
+  async resize(): Promise<{ ok: boolean; message: string; bytes: number }> {
+    const was = this.capacity[0]!;
+    let now: number;
+    try {
+      now = this.image.currentSize();
+    } catch (e) {
+      return { ok: false, message: `cannot read the image size: ${(e as Error).message}`, bytes: was };
+    }
+    if (now < was) {
+      this.log.error({ bytes: now, was }, 'image shrank: resize refused, the guest keeps the old capacity');
+      return { ok: false, message: `the image shrank from ${was} to ${now} bytes: refused (the guest keeps ${was})`, bytes: was };
+    }
+    if (now === was) return { ok: true, message: `the image is still ${was} bytes`, bytes: was };
+    this.capacity[0] = now;
+    this.log.info({ bytes: now, was }, 'image grew: capacity updated');
+    if (!this.notifyConfig) return { ok: true, message: `capacity now ${now} bytes; no front-end to tell (it reads the new size when it connects)`, bytes: now };
+    const why = await this.notifyConfig();
+    return why
+      ? { ok: false, message: `capacity now ${now} bytes, but the front-end was not told: ${why}`, bytes: now }
+      : { ok: true, message: `capacity now ${now} bytes; the front-end was told`, bytes: now };
   }
 
   private config(): BlkConfig {
@@ -153,7 +189,7 @@ export class BlkDevice implements Device {
   }
 
   deviceStats(): Record<string, unknown> {
-    return { image: this.image.path, bytes: this.image.size, readonly: this.image.readonly, aio: this.image.aio, writeback: this.writeback, ...(this.image.uringCounts && { uring: this.image.uringCounts }) };
+    return { image: this.image.path, bytes: this.capacity[0], readonly: this.image.readonly, aio: this.image.aio, writeback: this.writeback, ...(this.image.uringCounts && { uring: this.image.uringCounts }) };
   }
 
   reset(): void {

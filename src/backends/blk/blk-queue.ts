@@ -36,7 +36,10 @@ export interface BlkSetup {
   files: ImageFiles;
   serial: Uint8Array;
   acked: bigint;
-  /** Int32 slots shared with the device: [WRITEBACK] is 1 while the driver's cache mode is writeback. */
+  /**
+   * Shared with the device (BLK_STATE_BYTES): Int32 [WRITEBACK] is 1 while the driver's cache mode
+   * is writeback; Float64 at CAPACITY_OFFSET is the disk's size in bytes (it grows on resize).
+   */
   state: SharedArrayBuffer;
   /** This queue's BLK_COUNTERS. */
   counters: SharedArrayBuffer;
@@ -45,6 +48,8 @@ export interface BlkSetup {
 /** Slots of BlkSetup.state. */
 export const WRITEBACK = 0;
 export const BLK_STATE_SLOTS = 1;
+export const CAPACITY_OFFSET = 8;
+export const BLK_STATE_BYTES = 16;
 
 /** Counters per queue, since the daemon started (slots of BLK_COUNTERS). */
 export const BC = {
@@ -98,7 +103,7 @@ class BlkQueueServer implements QueueHandler {
   badCount = 0;
   readonly n: Float64Array;
   private readonly state: Int32Array;
-  private readonly capacitySectors: bigint;
+  private readonly capacity: Float64Array;
   private readonly done = (r: Request, err: Error | null): void => this.ioDone(r, err);
 
   constructor(
@@ -108,7 +113,7 @@ class BlkQueueServer implements QueueHandler {
   ) {
     this.n = new Float64Array(s.counters, 0, BLK_COUNTERS.length);
     this.state = new Int32Array(s.state, 0, BLK_STATE_SLOTS);
-    this.capacitySectors = BigInt(Math.floor(s.files.size / SECTOR));
+    this.capacity = new Float64Array(s.state, CAPACITY_OFFSET, 1);
   }
 
   poll(): void {
@@ -265,7 +270,7 @@ class BlkQueueServer implements QueueHandler {
   private checkRange(sector: bigint, len: number): number | string {
     if (len % SECTOR) return `length ${len} is not a multiple of ${SECTOR}`;
     const end = sector * BigInt(SECTOR) + BigInt(len);
-    if (end > this.capacitySectors * BigInt(SECTOR)) return `sector ${sector} + ${len} bytes is past the end of the disk`;
+    if (end > BigInt(Math.floor(this.capacity[0]! / SECTOR) * SECTOR)) return `sector ${sector} + ${len} bytes is past the end of the disk`;
     return Number(sector) * SECTOR;
   }
 }

@@ -200,6 +200,12 @@ export class Image {
     return this.files.path;
   }
 
+  /** The image's size now (it may have grown since it was opened). */
+  currentSize(): number {
+    const st = fstatSync(this.files.fd);
+    return st.isBlockDevice() ? blockDeviceSize(this.files.fd) : st.size;
+  }
+
   get size(): number {
     return this.files.size;
   }
