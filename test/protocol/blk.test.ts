@@ -49,7 +49,8 @@ describe.each(VARIANTS)('vhost-user-blk protocol: %s', { timeout: 60_000 }, (_na
         const p = await s.fe.getProtocolFeatures();
         for (const b of [PF.MQ, PF.REPLY_ACK, PF.CONFIG]) expect(has(p, b), `protocol bit ${b}`).toBe(true);
         if (kind === 'vhostd') {
-          const implemented = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE) | bit(PF.INFLIGHT_SHMFD);
+          const implemented = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE) | bit(PF.INFLIGHT_SHMFD) | bit(PF.BACKEND_REQ);
+          expect(has(p, PF.BACKEND_REQ), 'BACKEND_REQ, for online resize').toBe(true);
           expect((p & ~implemented).toString(16)).toBe('0');
         } else {
           for (const b of [PF.LOG_SHMFD, PF.BACKEND_REQ, PF.CONFIGURE_MEM_SLOTS]) expect(has(p, b)).toBe(true);
