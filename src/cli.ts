@@ -114,6 +114,17 @@ function addOpsOptions<T>(y: Argv<T>) {
     .option('log-level', { type: 'string', default: 'info', choices: LEVELS, describe: 'pino log level' });
 }
 
+/** How `vhostd stats` and `vhostd resize` find a running daemon: --control, else from its --socket. */
+function addControlClientOptions<T>(y: Argv<T>) {
+  return y
+    .option('control', { type: 'string', describe: 'The daemon\'s control socket [default: from --socket]' })
+    .option('socket', { type: 'string', alias: 'socket-path', describe: `The daemon's vhost-user socket, to find its control socket [default: ${DEFAULT_BLK_SOCKET}]` });
+}
+
+function controlPathOf(a: { control?: string; socket?: string }): string {
+  return a.control ?? defaultControlPath(a.socket ?? DEFAULT_BLK_SOCKET);
+}
+
 interface BlkArgs extends OpsArgs {
   socket: string | undefined;
   fd: number | undefined;
@@ -449,15 +460,13 @@ export async function main(argv: string[]): Promise<number> {
         'stats',
         'Print a running daemon\'s counters (from its control socket)',
         (y) =>
-          y
-            .option('control', { type: 'string', describe: 'The daemon\'s control socket [default: from --socket]' })
-            .option('socket', { type: 'string', alias: 'socket-path', describe: `The daemon's vhost-user socket, to find its control socket [default: ${DEFAULT_BLK_SOCKET}]` })
+          addControlClientOptions(y)
             .option('json', { type: 'boolean', default: false, describe: 'Print the snapshot as JSON' })
             .option('watch', { type: 'number', describe: 'Refresh every N seconds (default 2) until interrupted' })
             .example('$0 stats --control /run/vhostd/disk0.ctl', '')
             .example('$0 stats --socket /run/vhostd/net0.sock --watch 1', ''),
         async (a) => {
-          const path = a.control ?? defaultControlPath(a.socket ?? DEFAULT_BLK_SOCKET);
+          const path = controlPathOf(a);
           result = await printStats(path, a.json, a.watch);
         },
       )
@@ -465,12 +474,10 @@ export async function main(argv: string[]): Promise<number> {
         'resize',
         'Tell a running blk daemon that its image grew (as SIGHUP does): the guest sees the new size',
         (y) =>
-          y
-            .option('control', { type: 'string', describe: 'The daemon\'s control socket [default: from --socket]' })
-            .option('socket', { type: 'string', alias: 'socket-path', describe: `The daemon's vhost-user socket, to find its control socket [default: ${DEFAULT_BLK_SOCKET}]` })
+          addControlClientOptions(y)
             .example('truncate -s +1G disk0.img && $0 resize --control /run/vhostd/disk0.ctl', ''),
         async (a) => {
-          const path = a.control ?? defaultControlPath(a.socket ?? DEFAULT_BLK_SOCKET);
+          const path = controlPathOf(a);
           let r: { ok?: boolean; message?: string; error?: string };
           try {
             r = (await request(path, 'resize', 15_000)) as typeof r;
