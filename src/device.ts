@@ -33,8 +33,12 @@ export interface Device extends QueueRunnerSource {
   readConfig(offset: number, size: number): Uint8Array | undefined;
   /** Write config space; returns an error message when the write is refused. */
   writeConfig(offset: number, data: Uint8Array): string | undefined;
-  /** Queue `index` stopped and drained; `report` is what its runner said when it stopped. */
-  stopQueue(index: number, report: unknown): void;
+  /**
+   * Queue `index` stopped and drained; `report` is what its runner said when it
+   * stopped. A promise holds back the stop's answer to the front-end until the
+   * device settled (blk makes what was written durable).
+   */
+  stopQueue(index: number, report: unknown): void | Promise<void>;
   /** Back to the state right after construction (front-end gone or reset). */
   reset(): void;
   /** NET_SET_MTU; returns an error message when the MTU is refused. */

@@ -5,6 +5,8 @@ export const bit = (n: number): bigint => 1n << BigInt(n);
 export const has = (features: bigint, n: number): boolean => (features & bit(n)) !== 0n;
 
 export const VIRTIO_F_NOTIFY_ON_EMPTY = 24;
+/** vhost: log every write into guest memory in the dirty log (live migration). */
+export const VHOST_F_LOG_ALL = 26;
 export const VIRTIO_F_ANY_LAYOUT = 27;
 export const VIRTIO_RING_F_INDIRECT_DESC = 28;
 export const VIRTIO_RING_F_EVENT_IDX = 29;

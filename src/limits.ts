@@ -43,6 +43,12 @@ export const MAX_PAYLOAD = 4096;
  */
 export const MAX_MEM_SLOTS = 509;
 
+/**
+ * Largest dirty log mapped (SET_LOG_BASE): one bit per 4 KiB page, so 1 GiB
+ * covers 32 TiB of guest memory; a bigger one is a hostile front-end.
+ */
+export const MAX_LOG_BYTES = 2 ** 30;
+
 /** virtio-blk limits advertised in config space, and enforced on every request. */
 export const BLK_SEG_MAX = 126;
 export const BLK_SIZE_MAX = 1 << 20;

@@ -8,7 +8,8 @@
 import type { Logger } from 'pino';
 import { ftruncateSync } from 'node:fs';
 import type { Device } from '../device.js';
-import { ringFeatures } from '../features.js';
+import { has, ringFeatures, VHOST_F_LOG_ALL } from '../features.js';
+import { LogArea, LogError } from '../ring/dirty-log.js';
 import { MAX_MEM_SLOTS, MAX_QUEUE_SIZE } from '../limits.js';
 import { native, MFD_CLOEXEC } from '../native/index.js';
 import { GuestMemory } from '../ring/guest-memory.js';
@@ -20,6 +21,7 @@ import {
   bit,
   decodeConfig,
   decodeInflight,
+  decodeLogBase,
   decodeMemTable,
   decodeSingleRegion,
   decodeU64,
@@ -34,6 +36,7 @@ import {
   BackendReq,
   ProtocolFeature,
   requestName,
+  VRING_F_LOG,
   VRING_IDX_MASK,
   VRING_NOFD_MASK,
   type MemRegion,
@@ -44,9 +47,21 @@ import { BackendChannel } from './backend-channel.js';
 /** Protocol features implemented here, for every device. Devices add their own. */
 export const BASE_PROTOCOL_FEATURES =
   bit(ProtocolFeature.MQ) |
+  bit(ProtocolFeature.LOG_SHMFD) |
   bit(ProtocolFeature.REPLY_ACK) |
   bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
-  bit(ProtocolFeature.RESET_DEVICE);
+  bit(ProtocolFeature.RESET_DEVICE) |
+  bit(ProtocolFeature.STATUS);
+
+/** Device status bits (VIRTIO 1.2 §2.1). */
+export const Status = {
+  ACKNOWLEDGE: 1,
+  DRIVER: 2,
+  DRIVER_OK: 4,
+  FEATURES_OK: 8,
+  DEVICE_NEEDS_RESET: 0x40,
+  FAILED: 0x80,
+} as const;
 
 export { MAX_MEM_SLOTS };
 
@@ -85,6 +100,12 @@ export class Handlers {
   ackedProtocol = 0n;
   private backend: BackendChannel | undefined;
   private featuresSet = false;
+  /** SET_LOG_BASE's dirty log; the queues mark it while VHOST_F_LOG_ALL is acked. */
+  private logArea: LogArea | undefined;
+  /** SET_LOG_FD's eventfd, kicked after marks (libvhost-user's convention; QEMU sends none). */
+  private logKick = -1;
+  /** The device status byte as the front-end last set it (STATUS). */
+  private status = 0;
   /** Rings whose kick fd came before the rest of their configuration: started once that is complete. */
   private readonly waitingForConfig = new Set<Virtqueue>();
 
@@ -102,7 +123,12 @@ export class Handlers {
   }
 
   get features(): bigint {
-    return this.device.features | bit(F_PROTOCOL_FEATURES);
+    return this.device.features | bit(F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL);
+  }
+
+  /** The log the queues mark now: a log base was given and the front-end asked for logging. */
+  private get activeLog(): LogArea | undefined {
+    return has(this.ackedFeatures, VHOST_F_LOG_ALL) ? this.logArea : undefined;
   }
 
   /** After a wait: carry on only if the connection is still there. */
@@ -121,17 +147,31 @@ export class Handlers {
   setFeatures(msg: Message): Maybe {
     const f = decodeU64(msg.payload);
     if (f & ~this.features) throw new ProtocolError(`SET_FEATURES: 0x${f.toString(16)} has bits never offered`);
-    // QEMU repeats SET_FEATURES for each vhost device sharing the connection (net queue pairs).
+    const transport = bit(F_PROTOCOL_FEATURES) | bit(VHOST_F_LOG_ALL);
+    // QEMU repeats SET_FEATURES for each vhost device sharing the connection (net queue
+    // pairs), and turns VHOST_F_LOG_ALL on and off under running rings (migration).
     const running = this.vrings.some((v) => v.started);
-    if (running && (!this.featuresSet || f !== this.ackedFeatures)) {
-      throw new ProtocolError('SET_FEATURES changes features while rings are running');
+    if (running && (!this.featuresSet || (f ^ this.ackedFeatures) & ~bit(VHOST_F_LOG_ALL))) {
+      throw new ProtocolError('SET_FEATURES changes features other than VHOST_F_LOG_ALL while rings are running');
     }
-    if (!running) this.device.setFeatures(f & ~bit(F_PROTOCOL_FEATURES));
+    if (!running) this.device.setFeatures(f & ~transport);
+    const wasLogging = has(this.ackedFeatures, VHOST_F_LOG_ALL);
     this.ackedFeatures = f;
     this.featuresSet = true;
+    const logging = has(f, VHOST_F_LOG_ALL);
+    const steps: unknown[] = [];
+    if (logging !== wasLogging) {
+      if (logging && !this.logArea) {
+        // Nothing to mark into: a migration now would copy stale pages. QEMU always sends the log base first.
+        this.log.error('VHOST_F_LOG_ALL acked without SET_LOG_BASE: writes into guest memory cannot be logged');
+      } else {
+        this.log.info({ logging }, logging ? 'dirty logging on: every write into guest memory is marked' : 'dirty logging off');
+      }
+      steps.push(this.applyLog());
+    }
     // Without protocol features a ring is enabled as soon as it exists.
-    if (!(f & bit(F_PROTOCOL_FEATURES))) return then(this.enableAll(true), this.ackIfOpen(msg));
-    this.io.ack(msg, true);
+    if (!(f & bit(F_PROTOCOL_FEATURES))) steps.push(this.enableAll(true));
+    return then(all(steps), this.ackIfOpen(msg));
   }
 
   getProtocolFeatures(msg: Message): void {
@@ -257,14 +297,81 @@ export class Handlers {
     this.io.ack(msg, true);
   }
 
-  setVringAddr(msg: Message): void {
+  setVringAddr(msg: Message): Maybe {
     const a = decodeVringAddr(msg.payload);
-    const v = this.idleVring(a.index, msg.request);
+    const v = this.vring(a.index, msg.request);
     const limit = BigInt(Number.MAX_SAFE_INTEGER);
     if (a.desc > limit || a.avail > limit || a.used > limit) throw new ProtocolError('SET_VRING_ADDR: address beyond 2^53');
-    v.addrs = { desc: Number(a.desc), avail: Number(a.avail), used: Number(a.used) };
+    if (a.flags & ~VRING_F_LOG) throw new ProtocolError(`SET_VRING_ADDR: unknown flags 0x${a.flags.toString(16)}`);
+    const logging = (a.flags & VRING_F_LOG) !== 0;
+    if (logging && a.log > limit) throw new ProtocolError('SET_VRING_ADDR: log address beyond 2^53');
+    const addrs = { desc: Number(a.desc), avail: Number(a.avail), used: Number(a.used) };
+    const logAddr = logging ? Number(a.log) : undefined;
+    if (v.started) {
+      // Migration turns the log flag on and off under a running ring; the ring itself must stay where it is.
+      const cur = v.addrs!;
+      if (cur.desc !== addrs.desc || cur.avail !== addrs.avail || cur.used !== addrs.used) {
+        throw new ProtocolError(`SET_VRING_ADDR: queue ${a.index} is running; only its log flag and address may change`);
+      }
+      if (v.logAddr === logAddr) return this.io.ack(msg, true);
+      v.logAddr = logAddr;
+      return then(v.setLog(this.activeLog), this.ackIfOpen(msg));
+    }
+    v.addrs = addrs;
+    v.logAddr = logAddr;
     this.startIfWaiting(v);
     this.io.ack(msg, true);
+  }
+
+  // ---- dirty logging (live migration) ----
+
+  /**
+   * SET_LOG_BASE: map the new log, move every running queue onto it, and only
+   * then let the old one go and answer: the front-end reads the old log a last
+   * time after this reply and frees it. The reply is owed whatever need_reply
+   * says (QEMU waits for it), and it is the only one.
+   */
+  setLogBase(msg: Message): Maybe {
+    const l = decodeLogBase(msg.payload);
+    let area: LogArea;
+    try {
+      area = new LogArea(msg.fds.pop()!, l.mmapSize, l.mmapOffset, this.logKick);
+    } catch (e) {
+      if (e instanceof LogError) throw new ProtocolError(`SET_LOG_BASE: ${e.message}`);
+      throw e;
+    }
+    const old = this.logArea;
+    this.logArea = area;
+    this.log.info({ bytes: area.shared.length, covers: area.covers }, 'dirty log mapped');
+    return then(this.applyLog(), () => {
+      old?.close();
+      if (this.io.closed) return;
+      this.io.send(msg.request, encodeU64(0n));
+    });
+  }
+
+  /** SET_LOG_FD: an eventfd to kick after marking; the old one is closed once no queue kicks it. */
+  setLogFd(msg: Message): Maybe {
+    const old = this.logKick;
+    this.logKick = msg.fds.pop()!;
+    this.logArea?.setKick(this.logKick);
+    return then(this.applyLog(), () => {
+      if (old >= 0) native.close(old);
+      this.io.ack(msg, true);
+    });
+  }
+
+  /** Tell every queue which log to mark now (or none); settles once they all switched. */
+  private applyLog(): void | Promise<unknown> {
+    const log = this.activeLog;
+    return all(this.vrings.map((v) => v.setLog(log)));
+  }
+
+  private closeLog(): void {
+    this.logArea?.close();
+    this.logArea = undefined;
+    if (this.logKick >= 0) native.close(this.logKick);
+    this.logKick = -1;
   }
 
   getVringBase(msg: Message): Promise<void> {
@@ -272,9 +379,11 @@ export class Handlers {
     const v = this.vring(s.index, msg.request);
     const wasStarted = v.started;
     this.waitingForConfig.delete(v); // stopped: only a new kick fd starts it again
-    return v.stop().then((next) => {
+    return v.stop().then(async (next) => {
       if (this.io.closed) return; // close() stopped it too, and told the device
-      if (wasStarted) this.device.stopQueue(v.index, v.report);
+      // The device settles first (blk flushes): a migration's destination may open the image next.
+      if (wasStarted) await this.device.stopQueue(v.index, v.report);
+      if (this.io.closed) return;
       this.log.debug({ queue: s.index, base: next }, 'queue stopped');
       this.io.send(msg.request, encodeVringState({ index: s.index, num: next }));
     });
@@ -298,7 +407,7 @@ export class Handlers {
     // A new kick fd for a running ring: finish what is in flight first.
     return v.stop().then(() => {
       if (this.io.closed) return; // the fd is still in msg.fds: the connection closes it
-      this.device.stopQueue(v.index, v.report);
+      void this.device.stopQueue(v.index, v.report);
       install();
     });
   }
@@ -493,6 +602,54 @@ export class Handlers {
     this.io.ack(msg, true);
   }
 
+  // ---- device status ----
+
+  /**
+   * SET_STATUS. FEATURES_OK stays clear unless features were negotiated (the
+   * driver reads the status back and gives up). Status 0 resets the device:
+   * every ring stops and drains, as GET_VRING_BASE would stop it, keeping its
+   * next avail index, because QEMU 7.2 sends 0 on every stop of the VM and
+   * only then GET_VRING_BASE. Config space (the cache mode the guest chose) is
+   * kept for the same reason: a paused and resumed guest never sets it again.
+   */
+  setStatus(msg: Message): Maybe {
+    const s = decodeU64(msg.payload);
+    if (s > 0xffn) throw new ProtocolError(`SET_STATUS: 0x${s.toString(16)} is not a status byte`);
+    let status = Number(s) & ~Status.DEVICE_NEEDS_RESET; // the device's bit, never the driver's
+    if (status === 0) {
+      this.status = 0;
+      return then(this.stopAll(), this.ackIfOpen(msg));
+    }
+    if (status & Status.FEATURES_OK && !this.featuresSet) {
+      this.log.warn({ status }, 'SET_STATUS: FEATURES_OK before SET_FEATURES; left clear');
+      status &= ~Status.FEATURES_OK;
+    }
+    if (status & Status.FAILED && !(this.status & Status.FAILED)) this.log.warn({ status }, 'the driver gave up on the device (status FAILED)');
+    this.status = status;
+    this.io.ack(msg, true);
+  }
+
+  /** GET_STATUS: what the driver set, with DEVICE_NEEDS_RESET while a ring has failed. */
+  getStatus(msg: Message): void {
+    const needsReset = this.vrings.some((v) => v.failed !== undefined);
+    this.io.send(msg.request, encodeU64(BigInt(this.status | (needsReset ? Status.DEVICE_NEEDS_RESET : 0))));
+  }
+
+  /** Stop every running ring (drained, its next avail index kept); synchronous when none runs. */
+  private stopAll(): Maybe {
+    const running = this.vrings.filter((v) => v.started);
+    if (!running.length) return;
+    return (async () => {
+      for (const v of running) {
+        this.waitingForConfig.delete(v);
+        await v.stop();
+        if (this.io.closed) throw new ConnectionClosed();
+        await this.device.stopQueue(v.index, v.report);
+      }
+      this.log.debug({ queues: running.length }, 'device status 0: rings stopped');
+    })();
+  }
+
   // ---- resets and teardown ----
 
   /** RESET_DEVICE: back to the state after SET_OWNER. Synchronous when no ring runs. */
@@ -501,6 +658,7 @@ export class Handlers {
       for (const v of this.vrings) v.reset();
       this.waitingForConfig.clear();
       this.device.reset();
+      this.closeLog();
       this.inflight?.close();
       this.inflight = undefined;
       // With CONFIGURE_MEM_SLOTS QEMU only ever sends changes to the table it
@@ -508,6 +666,7 @@ export class Handlers {
       if (!(this.ackedProtocol & bit(ProtocolFeature.CONFIGURE_MEM_SLOTS))) this.mem.clear();
       this.ackedFeatures = 0n;
       this.featuresSet = false;
+      this.status = 0;
     };
     const running = this.vrings.filter((v) => v.started);
     if (!running.length) return finish();
@@ -515,7 +674,7 @@ export class Handlers {
       for (const v of running) {
         await v.stop();
         if (this.io.closed) throw new ConnectionClosed(); // close() finishes the teardown
-        this.device.stopQueue(v.index, v.report);
+        await this.device.stopQueue(v.index, v.report);
       }
       finish();
     })();
@@ -528,7 +687,7 @@ export class Handlers {
       for (const v of this.vrings) {
         if (v.started) {
           await v.stop();
-          this.device.stopQueue(v.index, v.report);
+          await this.device.stopQueue(v.index, v.report);
         }
         v.reset();
       }
@@ -537,6 +696,7 @@ export class Handlers {
       this.log.error({ err: e }, 'error while stopping rings');
     }
     this.mem.clear();
+    this.closeLog();
     this.inflight?.close();
     this.inflight = undefined;
     this.closeBackendChannel();

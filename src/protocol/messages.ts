@@ -81,6 +81,9 @@ export const SIZE_INFLIGHT = 24;
 /** Regions in one SET_MEM_TABLE: one fd each, and at most 8 fds per message. */
 export const MAX_TABLE_REGIONS = 8;
 
+/** SET_VRING_ADDR flags: log_guest_addr is valid, and used ring writes are logged there. */
+export const VRING_F_LOG = 1;
+
 /** Bits 0-7 of a KICK/CALL/ERR payload: the queue; bit 8: no fd, poll instead. */
 export const VRING_IDX_MASK = 0xff;
 export const VRING_NOFD_MASK = 0x100;
@@ -176,6 +179,24 @@ export function decodeVringAddr(p: Uint8Array): VringAddr {
     avail: dv.getBigUint64(24, true),
     log: dv.getBigUint64(32, true),
   };
+}
+
+export interface LogBase {
+  mmapSize: bigint;
+  mmapOffset: bigint;
+}
+
+export function decodeLogBase(p: Uint8Array): LogBase {
+  const dv = view(p);
+  return { mmapSize: dv.getBigUint64(0, true), mmapOffset: dv.getBigUint64(8, true) };
+}
+
+export function encodeLogBase(l: LogBase): Uint8Array {
+  const out = new Uint8Array(SIZE_LOG);
+  const dv = new DataView(out.buffer);
+  dv.setBigUint64(0, l.mmapSize, true);
+  dv.setBigUint64(8, l.mmapOffset, true);
+  return out;
 }
 
 // ---- memory regions ----

@@ -10,6 +10,7 @@ import {
   Req,
   requestName,
   SIZE_INFLIGHT,
+  SIZE_LOG,
   SIZE_SINGLE_REGION,
   SIZE_U64,
   SIZE_VRING_ADDR,
@@ -49,14 +50,23 @@ export interface RequestSpec {
   readonly handle: (h: Handlers, msg: Message) => void | Promise<void>;
 }
 
+/** SET_LOG_FD carries its fd alone; the kernel's ioctl form has an int, so a u64 payload is accepted and ignored. */
+function sizeNoneOrU64(request: number, payload: Uint8Array): void {
+  if (payload.length !== 0 && payload.length !== SIZE_U64) {
+    throw new ProtocolError(`${requestName(request)}: payload is ${payload.length} bytes, expected 0 or ${SIZE_U64}`);
+  }
+}
+
 const entries: [Req, RequestSpec][] = [
   [Req.GET_FEATURES, { size: 0, fds: 'none', handle: (h, m) => h.getFeatures(m) }],
   [Req.SET_FEATURES, { size: SIZE_U64, fds: 'none', waits: true, handle: (h, m) => h.setFeatures(m) }],
   [Req.SET_OWNER, { size: 0, fds: 'none', handle: (h, m) => h.setOwner(m) }],
   [Req.RESET_OWNER, { size: 0, fds: 'none', waits: true, handle: (h, m) => h.resetOwner(m) }],
   [Req.SET_MEM_TABLE, { size: (_, p) => void decodeMemTable(p), fds: 'regions', waits: true, handle: (h, m) => h.setMemTable(m) }],
+  [Req.SET_LOG_BASE, { size: SIZE_LOG, fds: 'one', feature: ProtocolFeature.LOG_SHMFD, waits: true, handle: (h, m) => h.setLogBase(m) }],
+  [Req.SET_LOG_FD, { size: sizeNoneOrU64, fds: 'one', feature: ProtocolFeature.LOG_SHMFD, waits: true, handle: (h, m) => h.setLogFd(m) }],
   [Req.SET_VRING_NUM, { size: SIZE_VRING_STATE, fds: 'none', handle: (h, m) => h.setVringNum(m) }],
-  [Req.SET_VRING_ADDR, { size: SIZE_VRING_ADDR, fds: 'none', handle: (h, m) => h.setVringAddr(m) }],
+  [Req.SET_VRING_ADDR, { size: SIZE_VRING_ADDR, fds: 'none', waits: true, handle: (h, m) => h.setVringAddr(m) }],
   [Req.SET_VRING_BASE, { size: SIZE_VRING_STATE, fds: 'none', handle: (h, m) => h.setVringBase(m) }],
   [Req.GET_VRING_BASE, { size: SIZE_VRING_STATE, fds: 'none', waits: true, handle: (h, m) => h.getVringBase(m) }],
   [Req.SET_VRING_KICK, { size: SIZE_U64, fds: 'vring', waits: true, handle: (h, m) => h.setVringKick(m) }],
@@ -78,6 +88,8 @@ const entries: [Req, RequestSpec][] = [
   [Req.GET_MAX_MEM_SLOTS, { size: 0, fds: 'none', handle: (h, m) => h.getMaxMemSlots(m) }],
   [Req.ADD_MEM_REG, { size: SIZE_SINGLE_REGION, fds: 'one', feature: ProtocolFeature.CONFIGURE_MEM_SLOTS, waits: true, handle: (h, m) => h.addMemReg(m) }],
   [Req.REM_MEM_REG, { size: SIZE_SINGLE_REGION, fds: 'optional', feature: ProtocolFeature.CONFIGURE_MEM_SLOTS, waits: true, handle: (h, m) => h.remMemReg(m) }],
+  [Req.SET_STATUS, { size: SIZE_U64, fds: 'none', feature: ProtocolFeature.STATUS, waits: true, handle: (h, m) => h.setStatus(m) }],
+  [Req.GET_STATUS, { size: 0, fds: 'none', feature: ProtocolFeature.STATUS, handle: (h, m) => h.getStatus(m) }],
 ];
 
 /** The requests this back-end implements; anything else closes the connection. */

@@ -12,6 +12,8 @@ export class DescriptorChain {
   readonly segs: Uint8Array[] = new Array<Uint8Array>(MAX_CHAIN_SEGMENTS).fill(NO_VIEW);
   /** The descriptor (its ordinal in the chain) each segment came from: for seg_max and size_max. */
   readonly descOf = new Uint16Array(MAX_CHAIN_SEGMENTS);
+  /** The guest physical address each segment starts at: what the dirty log marks. */
+  readonly gpaOf = new Float64Array(MAX_CHAIN_SEGMENTS);
   count = 0;
   readableSegs = 0;
   readableBytes = 0;
@@ -29,6 +31,9 @@ export class DescriptorChain {
    */
   statusBytes: Uint8Array | undefined;
   statusIndex = 0;
+  /** Guest physical address of the status byte, and whether writeStatus() wrote it. */
+  statusGpa = 0;
+  statusWritten = false;
 
   reset(head: number): void {
     this.head = head;
@@ -41,6 +46,7 @@ export class DescriptorChain {
     this.fault = undefined;
     this.statusBytes = undefined;
     this.statusIndex = 0;
+    this.statusWritten = false;
   }
 
   /** Room for another segment? */
@@ -48,10 +54,11 @@ export class DescriptorChain {
     return this.count === MAX_CHAIN_SEGMENTS;
   }
 
-  push(view: Uint8Array, desc: number, writable: boolean): void {
+  push(view: Uint8Array, desc: number, writable: boolean, gpa: number): void {
     const i = this.count++;
     this.segs[i] = view;
     this.descOf[i] = desc;
+    this.gpaOf[i] = gpa;
     if (!writable) this.readableSegs = this.count;
   }
 
@@ -67,6 +74,7 @@ export class DescriptorChain {
     for (let i = 0; i < o.count; i++) {
       this.segs[i] = o.segs[i]!;
       this.descOf[i] = o.descOf[i]!;
+      this.gpaOf[i] = o.gpaOf[i]!;
     }
     this.count = o.count;
     this.readableSegs = o.readableSegs;
@@ -76,12 +84,15 @@ export class DescriptorChain {
     this.fault = o.fault;
     this.statusBytes = o.statusBytes;
     this.statusIndex = o.statusIndex;
+    this.statusGpa = o.statusGpa;
+    this.statusWritten = o.statusWritten;
   }
 
   /** Write the status byte; false when the chain has none. */
   writeStatus(value: number): boolean {
     if (!this.statusBytes) return false;
     this.statusBytes[this.statusIndex] = value;
+    this.statusWritten = true;
     return true;
   }
 }

@@ -14,6 +14,7 @@ import type { RingFeatures } from '../features.js';
 import { native, errnoError, POLL_READABLE, EAGAIN, type WatchHandle } from '../native/index.js';
 import { CounterSet, latencyBucket, RC, RING_COUNTERS } from './counters.js';
 import type { DescriptorChain } from './chain.js';
+import type { DirtyLog } from './dirty-log.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { InflightQueue } from './inflight.js';
 import { RingError, type Ring } from './ring.js';
@@ -76,6 +77,8 @@ export interface RingConfig {
   kick: number;
   call: number;
   err: number;
+  /** SET_VRING_ADDR's log_guest_addr, when its log flag was set: where the used ring is, for the dirty log. */
+  logAddr?: number | undefined;
 }
 
 const ONE = new BigUint64Array([1n]);
@@ -147,6 +150,10 @@ export class QueueExecutor {
   private readonly c: Float64Array;
   /** When each head in flight was taken (performance.now()), for the latency histogram. */
   private readonly takenAt: Float64Array;
+  /** The dirty log while migration logs writes (VHOST_F_LOG_ALL and a log base); else undefined. */
+  private dirty: DirtyLog | undefined;
+  /** The used ring's guest physical address, found through the memory table (when log_guest_addr is not given). */
+  private readonly usedGpa: number;
 
   constructor(
     cfg: RingConfig,
@@ -168,6 +175,33 @@ export class QueueExecutor {
     this.errFd = cfg.err;
     this.inflightRecord = inflight;
     this.ring = createRing(cfg, mem);
+    this.usedGpa = mem.uvaToGpa(cfg.addrs.used) ?? 0;
+    this.setLog(undefined, cfg.logAddr);
+  }
+
+  /**
+   * Mark every write into guest memory in `log` from now on (undefined: stop).
+   * Takes effect between two chains, so a switch mid-flight loses or doubles
+   * nothing: a chain completed after it is marked whole.
+   */
+  setLog(log: DirtyLog | undefined, logAddr: number | undefined): void {
+    this.dirty = log;
+    this.ring.setLog(log, logAddr ?? this.usedGpa);
+  }
+
+  /**
+   * Mark what the device wrote into the chain: the first `written` bytes of
+   * its writable part, and the status byte, which sits at the end of that
+   * part and not always right after what was written before it.
+   */
+  private logWrites(log: DirtyLog, chain: DescriptorChain, written: number): void {
+    let left = written;
+    for (let i = chain.readableSegs; i < chain.count && left > 0; i++) {
+      const n = Math.min(chain.segs[i]!.length, left);
+      log.mark(chain.gpaOf[i]!, n);
+      left -= n;
+    }
+    if (chain.statusWritten) log.mark(chain.statusGpa, 1);
   }
 
   /**
@@ -440,6 +474,7 @@ export class QueueExecutor {
     if (this.held === 0) return;
     const rec = this.inflightRecord;
     rec?.completing(chain.head);
+    if (this.dirty) this.logWrites(this.dirty, chain, written);
     this.ring.add(chain.head, written);
     this.ring.publish();
     if (rec) {
@@ -456,6 +491,7 @@ export class QueueExecutor {
     const rec = this.inflightRecord;
     for (let i = 0; i < n; i++) {
       rec?.completing(chains[i]!.head);
+      if (this.dirty) this.logWrites(this.dirty, chains[i]!, written[i]!);
       this.ring.add(chains[i]!.head, written[i]!);
     }
     this.ring.publish();
@@ -485,6 +521,11 @@ export class QueueExecutor {
     this.notifyScheduled = false;
     if (!this.notifyPending) return;
     this.notifyPending = false;
+    const log = this.dirty;
+    if (log?.dirtied && log.kick >= 0) {
+      log.dirtied = false;
+      native.write(log.kick, ONE);
+    }
     if (this.callFd < 0) return;
     if (this.ring.needsNotify()) this.signalCall();
     else this.c[RC.suppressed]++;

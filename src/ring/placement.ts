@@ -3,6 +3,7 @@
 // placement puts each group on the daemon's thread or on one of --threads
 // queue threads. Either way the same executor runs the same runner.
 import { CounterSet, RING_COUNTERS } from './counters.js';
+import type { LogArea } from './dirty-log.js';
 import { native } from '../native/index.js';
 import { QueueExecutor, RingError, type QueueLogger, type QueueRunner, type RingConfig } from './executor.js';
 import type { GuestMemory } from './guest-memory.js';
@@ -88,7 +89,7 @@ export class LocalHost implements QueueHost {
     private readonly pollUs: number,
   ) {}
 
-  start(cfg: RingConfig, inflight: InflightQueue | undefined, fresh: boolean): void {
+  start(cfg: RingConfig, inflight: InflightQueue | undefined, fresh: boolean, log: LogArea | undefined): void {
     let exec: QueueExecutor;
     try {
       exec = new QueueExecutor(cfg, this.mem, this.log, inflight, this.counters);
@@ -98,6 +99,7 @@ export class LocalHost implements QueueHost {
     }
     exec.onFail = (reason) => this.onFailed?.(reason);
     exec.pollUs = this.pollUs;
+    exec.setLog(log?.log, cfg.logAddr);
     this.exec = exec;
     try {
       exec.start(this.runner, this.setup(), fresh);
@@ -130,6 +132,10 @@ export class LocalHost implements QueueHost {
   setFd(which: 'call' | 'err', fd: number): void {
     if (which === 'call') this.exec?.setCall(fd);
     else this.exec?.setErr(fd);
+  }
+
+  setLog(log: LogArea | undefined, logAddr: number | undefined): void {
+    this.exec?.setLog(log?.log, logAddr);
   }
 
   fail(reason: string): void {

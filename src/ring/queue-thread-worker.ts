@@ -5,6 +5,7 @@ import { CounterSet, RING_COUNTERS } from './counters.js';
 import { parentPort, workerData } from 'node:worker_threads';
 import { pino } from 'pino';
 import { QueueExecutor, RingError, type QueueLogger, type QueueRunner } from './executor.js';
+import { DirtyLog, type SharedLog } from './dirty-log.js';
 import { GuestMemory } from './guest-memory.js';
 import { InflightQueue } from './inflight.js';
 import type { FromThread, ThreadInit, ToThread } from './queue-thread.js';
@@ -22,7 +23,42 @@ const executors = new Map<number, QueueExecutor>();
 /** Views of the daemon's inflight records, per queue, while its executor runs (detached at its stop). */
 const inflightViews = new Map<number, ArrayBuffer>();
 
+/** Views of the daemon's dirty logs by version, and the queues marking each (detached when none does). */
+const logs = new Map<number, { buffer: ArrayBuffer; log: DirtyLog; users: Set<number> }>();
+const logOf = new Map<number, number>();
+
 const post = (m: FromThread): void => port.postMessage(m);
+
+/** Point queue `index` at `shared` (or at no log), letting go of the view it used before. */
+function useLog(index: number, exec: QueueExecutor | undefined, shared: SharedLog | undefined, logAddr: number | undefined): void {
+  let entry;
+  if (exec && shared) {
+    entry = logs.get(shared.version);
+    if (!entry) {
+      const buffer = native.view(shared.address, shared.length);
+      entry = { buffer, log: new DirtyLog(new Uint8Array(buffer), shared.kick), users: new Set<number>() };
+      logs.set(shared.version, entry);
+    }
+    entry.log.kick = shared.kick;
+  }
+  exec?.setLog(entry?.log, logAddr);
+  releaseLog(index);
+  if (entry && shared) {
+    entry.users.add(index);
+    logOf.set(index, shared.version);
+  }
+}
+
+function releaseLog(index: number): void {
+  const version = logOf.get(index);
+  if (version === undefined) return;
+  logOf.delete(index);
+  const entry = logs.get(version)!;
+  entry.users.delete(index);
+  if (entry.users.size) return;
+  native.detach(entry.buffer);
+  logs.delete(version);
+}
 
 function start(m: Extract<ToThread, { op: 'start' }>): void {
   const index = m.cfg.index;
@@ -47,6 +83,7 @@ function start(m: Extract<ToThread, { op: 'start' }>): void {
   }
   exec.onFail = (reason) => post({ op: 'failed', index, reason });
   exec.pollUs = m.pollUs;
+  useLog(index, exec, m.log, m.cfg.logAddr);
   executors.set(index, exec);
   try {
     exec.start(runner, m.setup, m.fresh);
@@ -90,6 +127,7 @@ async function stop(index: number, seq: number): Promise<void> {
     }
   } finally {
     executors.delete(index);
+    releaseLog(index);
     releaseInflight(index);
     releaseMemoryIfIdle();
     post({ op: 'stopped', index, seq, base, report });
@@ -111,6 +149,11 @@ async function handle(m: ToThread): Promise<void> {
       // From now on the executor writes the new fd; the daemon closes the old one after this answer.
       if (m.op === 'call') exec?.setCall(m.fd);
       else exec?.setErr(m.fd);
+      post({ op: 'done', index: m.index, seq: m.seq });
+      return;
+    case 'log':
+      // From now on the executor marks the new log only; the daemon may unmap the old one after this answer.
+      useLog(m.index, exec, m.log, m.logAddr);
       post({ op: 'done', index: m.index, seq: m.seq });
       return;
     case 'fail':

@@ -11,6 +11,7 @@
 // thread's executor to drain, and a call/err fd swap waits for it to switch.
 import { CounterSet } from './counters.js';
 import { Worker } from 'node:worker_threads';
+import type { LogArea, SharedLog } from './dirty-log.js';
 import type { RingConfig, QueueLogger } from './executor.js';
 import type { GuestMemory, SharedRegion } from './guest-memory.js';
 import type { InflightQueue, SharedInflight } from './inflight.js';
@@ -41,7 +42,10 @@ export type ToThread =
       pollUs: number;
       /** The queue's INFLIGHT_SHMFD record, as mapped by the daemon (the thread views it). */
       inflight?: SharedInflight;
+      /** The dirty log while migration logs writes, as mapped by the daemon. */
+      log?: SharedLog;
     }
+  | { op: 'log'; index: number; log: SharedLog | undefined; logAddr: number | undefined; seq: number }
   | { op: 'stop'; index: number; seq: number }
   | { op: 'call' | 'err'; index: number; fd: number; seq: number }
   | { op: 'enable'; index: number; on: boolean; seq: number }
@@ -86,7 +90,11 @@ export class QueueThread {
 
   /** Post and wait for the answer; undefined if the worker died first. */
   request(
-    msg: { op: 'stop'; index: number } | { op: 'call' | 'err'; index: number; fd: number } | { op: 'enable'; index: number; on: boolean },
+    msg:
+      | { op: 'stop'; index: number }
+      | { op: 'call' | 'err'; index: number; fd: number }
+      | { op: 'enable'; index: number; on: boolean }
+      | { op: 'log'; index: number; log: SharedLog | undefined; logAddr: number | undefined },
   ): Promise<Answer | undefined> {
     const seq = ++this.seq;
     return new Promise((resolve) => {
@@ -169,7 +177,7 @@ export class ThreadHost implements QueueHost {
     return this.running;
   }
 
-  start(cfg: RingConfig, inflight: InflightQueue | undefined, fresh: boolean): void {
+  start(cfg: RingConfig, inflight: InflightQueue | undefined, fresh: boolean, log: LogArea | undefined): void {
     this.running = true;
     this.thread.post({
       op: 'start',
@@ -182,6 +190,7 @@ export class ThreadHost implements QueueHost {
       counters: this.counters.buffer,
       pollUs: this.pollUs,
       ...(inflight?.shared && { inflight: inflight.shared }),
+      ...(log && { log: log.shared }),
     });
   }
 
@@ -205,6 +214,10 @@ export class ThreadHost implements QueueHost {
 
   async setFd(which: 'call' | 'err', fd: number): Promise<void> {
     if (this.running && !this.stopping) await this.thread.request({ op: which, index: this.index, fd });
+  }
+
+  async setLog(log: LogArea | undefined, logAddr: number | undefined): Promise<void> {
+    if (this.running && !this.stopping) await this.thread.request({ op: 'log', index: this.index, log: log?.shared, logAddr });
   }
 
   fail(reason: string): void {

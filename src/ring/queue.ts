@@ -12,6 +12,7 @@
 // queue serves nothing until its kick fd is sent again.
 import type { RingFeatures } from '../features.js';
 import { native } from '../native/index.js';
+import type { LogArea } from './dirty-log.js';
 import type { RingConfig, QueueLogger } from './executor.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { InflightQueue } from './inflight.js';
@@ -22,7 +23,7 @@ export type QueueState = 'idle' | 'running' | 'failed' | 'draining' | 'paused';
 /** Where a queue's executor runs; the placement decides (this thread, or a queue thread). */
 export interface QueueHost {
   /** Start the executor with this configuration. A ring that cannot start reports through onFailed. */
-  start(cfg: RingConfig, inflight: InflightQueue | undefined, fresh: boolean): void;
+  start(cfg: RingConfig, inflight: InflightQueue | undefined, fresh: boolean, log: LogArea | undefined): void;
   /**
    * Drain and let go of guest memory and every fd. Resolves to the next avail
    * index; undefined when no executor was running; 'lost' when it died with the ring.
@@ -31,6 +32,8 @@ export interface QueueHost {
   setEnabled(on: boolean): void | Promise<void>;
   /** Once this settles, the executor writes the new fd and never the old one. */
   setFd(which: 'call' | 'err', fd: number): void | Promise<void>;
+  /** Once this settles, the executor marks its writes in `log` (undefined: marks nothing) and no other log. */
+  setLog(log: LogArea | undefined, logAddr: number | undefined): void | Promise<void>;
   /** Fail the running executor (it logs, signals err, and reports). */
   fail(reason: string): void;
   /** What the device's runner said when the executor last stopped. */
@@ -47,6 +50,8 @@ export interface Virtqueue {
   addrs: RingAddresses | undefined;
   /** Shared record of chains in flight (INFLIGHT_SHMFD), set before the ring starts. */
   inflightRecord: InflightQueue | undefined;
+  /** log_guest_addr of SET_VRING_ADDR when its log flag was set. */
+  logAddr: number | undefined;
   readonly enabled: boolean;
   readonly state: QueueState;
   /** Set when the ring is unusable until the front-end reconfigures it. */
@@ -63,6 +68,8 @@ export interface Virtqueue {
   /** A new call fd; once this settles, no signal goes to the old one. */
   setCall(fd: number | null): void | Promise<void>;
   setErr(fd: number | null): void | Promise<void>;
+  /** Dirty logging on (a log) or off; once this settles, nothing marks any earlier log. */
+  setLog(log: LogArea | undefined): void | Promise<void>;
   /** Start on its kick; a ring that cannot start fails (the queue, not the caller). */
   start(features: RingFeatures): void;
   /** GET_VRING_BASE: drain, go silent, resolve to the next avail index. */
@@ -85,6 +92,7 @@ export class Queue implements Virtqueue {
   addrs: RingAddresses | undefined;
   enabled = false;
   inflightRecord: InflightQueue | undefined;
+  logAddr: number | undefined;
   failed: string | undefined;
 
   private current: QueueState = 'idle';
@@ -93,6 +101,7 @@ export class Queue implements Virtqueue {
   private callFd = -1;
   private errFd = -1;
   private features: RingFeatures | undefined;
+  private dirtyLog: LogArea | undefined;
   /** The host holds the ring (between host.start and host.halt). */
   private hosted = false;
   /** A halt on its way: whoever else needs the ring stopped waits for the same one. */
@@ -144,6 +153,13 @@ export class Queue implements Virtqueue {
     return this.replaceFd('err', fd);
   }
 
+  setLog(log: LogArea | undefined): void | Promise<void> {
+    this.dirtyLog = log;
+    // A halt in progress may still mark the old log; the next start takes the new one.
+    if (this.halting) return this.halting;
+    if (this.hosted) return this.host.setLog(log, this.logAddr);
+  }
+
   /** The executor switches first; the old fd is closed once it no longer writes it. */
   private replaceFd(which: 'call' | 'err', fd: number | null): void | Promise<void> {
     const old = which === 'call' ? this.callFd : this.errFd;
@@ -176,6 +192,7 @@ export class Queue implements Virtqueue {
       kick: this.kickFd,
       call: this.callFd,
       err: this.errFd,
+      logAddr: this.logAddr,
     };
   }
 
@@ -189,7 +206,7 @@ export class Queue implements Virtqueue {
 
   private launch(fresh: boolean): void {
     this.hosted = true;
-    this.host.start(this.config(), this.inflightRecord, fresh);
+    this.host.start(this.config(), this.inflightRecord, fresh, this.dirtyLog);
   }
 
   private executorFailed(reason: string): void {
@@ -271,6 +288,8 @@ export class Queue implements Virtqueue {
     this.enabled = false;
     this.failed = undefined;
     this.inflightRecord = undefined;
+    this.logAddr = undefined;
+    this.dirtyLog = undefined;
     this.current = 'idle';
   }
 }

@@ -2,6 +2,7 @@
 // (split-ring.ts) is the one implemented; a packed one will sit beside it.
 // Every method is mechanics only: nothing here completes, fails or logs.
 import type { DescriptorChain } from './chain.js';
+import type { DirtyLog } from './dirty-log.js';
 
 /** The ring itself is unusable (impossible index, head out of range): the queue must stop. */
 export class RingError extends Error {}
@@ -42,6 +43,12 @@ export interface Ring {
   enableNotifications(seen: number): boolean;
   /** Tell the driver notifications are not needed (we are busy anyway). */
   disableNotifications(): void;
+  /**
+   * Mark every later write to the device area (used entries, the used index,
+   * flags, avail_event) in `log`, the area starting at guest physical address
+   * `usedGpa`; undefined stops marking.
+   */
+  setLog(log: DirtyLog | undefined, usedGpa: number): void;
 }
 
 /** VIRTIO 1.2 "vring_need_event": notify when the driver's event index lies in [old, new). */

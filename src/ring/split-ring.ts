@@ -6,6 +6,7 @@ import type { RingFeatures } from '../features.js';
 import { MAX_CHAIN_BYTES, MAX_CHAIN_SEGMENTS, SPLIT_RING_MAX_SIZE } from '../limits.js';
 import { native } from '../native/index.js';
 import type { DescriptorChain } from './chain.js';
+import type { DirtyLog } from './dirty-log.js';
 import { GuestMemory, MAX_ADDRESS, type Place } from './guest-memory.js';
 import { needEvent, RingError, u16, type Ring } from './ring.js';
 
@@ -53,6 +54,8 @@ export class SplitRing implements Ring {
   private signalledUsed = 0;
   private signalledValid = false;
   private work = 0;
+  private log: DirtyLog | undefined;
+  private usedGpa = 0;
 
   constructor(mem: GuestMemory, size: number, addrs: RingAddresses, features: RingFeatures, lastAvail: number) {
     if (!Number.isInteger(size) || size < 1 || size > SPLIT_RING_MAX_SIZE || (size & (size - 1)) !== 0) {
@@ -215,6 +218,7 @@ export class SplitRing implements Ring {
       if (v) {
         chain.statusBytes = v;
         chain.statusIndex = 0;
+        chain.statusGpa = statusAddr;
       }
     }
   }
@@ -236,7 +240,7 @@ export class SplitRing implements Ring {
       if (chain.full) {
         chain.fault ??= `descriptor chain from head ${chain.head} needs more than ${MAX_CHAIN_SEGMENTS} segments`;
       } else {
-        chain.push(v, ordinal, writable);
+        chain.push(v, ordinal, writable, a);
       }
       a += v.length;
       left -= v.length;
@@ -244,17 +248,24 @@ export class SplitRing implements Ring {
     return true;
   }
 
+  setLog(log: DirtyLog | undefined, usedGpa: number): void {
+    this.log = log;
+    this.usedGpa = usedGpa;
+  }
+
   add(head: number, written: number): void {
     const slot = this.usedIdx % this.size;
     this.usedDv.setUint32(4 + slot * 8, head, true);
     this.usedDv.setUint32(8 + slot * 8, written, true);
     this.usedIdx = u16(this.usedIdx + 1);
+    this.log?.mark(this.usedGpa + 4 + slot * 8, 8);
   }
 
   publish(): void {
     // Atomics.store is a locked xchg on x86: the elements above are visible
     // first, and the used_event load in needsNotify() cannot pass this store.
     Atomics.store(this.used, 1, this.usedIdx);
+    this.log?.mark(this.usedGpa + 2, 2);
   }
 
   needsNotify(): boolean {
@@ -275,14 +286,18 @@ export class SplitRing implements Ring {
     if (this.features.eventIdx) {
       // Full barrier: avail_event is visible before avail->idx is read again.
       Atomics.store(this.used, 2 + 4 * this.size, u16(this.lastAvail + seen));
+      this.log?.mark(this.usedGpa + 4 + 8 * this.size, 2);
     } else {
       Atomics.store(this.used, 0, Atomics.load(this.used, 0) & ~USED_F_NO_NOTIFY);
+      this.log?.mark(this.usedGpa, 2);
     }
     return u16(this.availIdx() - this.lastAvail) > seen;
   }
 
   disableNotifications(): void {
     // With event index a stale avail_event already suppresses kicks.
-    if (!this.features.eventIdx) Atomics.store(this.used, 0, Atomics.load(this.used, 0) | USED_F_NO_NOTIFY);
+    if (this.features.eventIdx) return;
+    Atomics.store(this.used, 0, Atomics.load(this.used, 0) | USED_F_NO_NOTIFY);
+    this.log?.mark(this.usedGpa, 2);
   }
 }

@@ -35,12 +35,8 @@ describe.each(VARIANTS)('vhost-user-blk protocol: %s', { timeout: 60_000 }, (_na
         expect(has(f, VF.BLK_RO)).toBe(false);
         expect(has(f, VF.RING_PACKED)).toBe(false);
         expect(has(f, VF.ACCESS_PLATFORM)).toBe(false);
-        if (kind === 'vhostd') {
-          // No dirty-page logging is implemented, so LOG_ALL must not be offered.
-          expect(has(f, VF.LOG_ALL)).toBe(false);
-        } else {
-          expect(has(f, VF.LOG_ALL)).toBe(true); // libvhost-user always offers it
-        }
+        // Both log dirty pages for live migration.
+        expect(has(f, VF.LOG_ALL)).toBe(true);
       });
     });
 
@@ -49,8 +45,11 @@ describe.each(VARIANTS)('vhost-user-blk protocol: %s', { timeout: 60_000 }, (_na
         const p = await s.fe.getProtocolFeatures();
         for (const b of [PF.MQ, PF.REPLY_ACK, PF.CONFIG]) expect(has(p, b), `protocol bit ${b}`).toBe(true);
         if (kind === 'vhostd') {
-          const implemented = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE) | bit(PF.INFLIGHT_SHMFD) | bit(PF.BACKEND_REQ);
+          const implemented =
+            bit(PF.MQ) | bit(PF.LOG_SHMFD) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE) |
+            bit(PF.INFLIGHT_SHMFD) | bit(PF.BACKEND_REQ) | bit(PF.STATUS);
           expect(has(p, PF.BACKEND_REQ), 'BACKEND_REQ, for online resize').toBe(true);
+          expect(has(p, PF.LOG_SHMFD), 'LOG_SHMFD, for live migration').toBe(true);
           expect((p & ~implemented).toString(16)).toBe('0');
         } else {
           for (const b of [PF.LOG_SHMFD, PF.BACKEND_REQ, PF.CONFIGURE_MEM_SLOTS]) expect(has(p, b)).toBe(true);

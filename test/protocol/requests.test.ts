@@ -39,7 +39,7 @@ describe('request table', () => {
   });
 
   it('requests not implemented are not in the table', () => {
-    for (const r of [Req.SET_LOG_BASE, Req.SET_LOG_FD, Req.SET_STATUS, Req.GET_STATUS]) expect(REQUESTS.has(r)).toBe(false);
+    for (const r of [22, 23, 26, 27, 28, 29, 30, 33, 35, 41, 42]) expect(REQUESTS.has(r), `request ${r}`).toBe(false);
   });
 
   it('every violation names the request', () => {

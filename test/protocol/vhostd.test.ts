@@ -71,8 +71,8 @@ describe('vhostd only', { timeout: 60_000 }, () => {
       { name: 'SET_VRING_KICK for queue 9', bad: (fe) => fe.send(Req.SET_VRING_KICK, VERSION, u64(9), [eventfdOnce()]) },
       { name: 'SET_FEATURES with a bit never offered (RING_PACKED)', bad: (fe) => fe.send(Req.SET_FEATURES, VERSION, u64(bit(VF.VERSION_1) | bit(VF.RING_PACKED))) },
       {
-        name: 'SET_PROTOCOL_FEATURES with a bit never offered (LOG_SHMFD)',
-        bad: (fe) => fe.send(Req.SET_PROTOCOL_FEATURES, VERSION, u64(bit(PF.MQ) | bit(PF.LOG_SHMFD))),
+        name: 'SET_PROTOCOL_FEATURES with a bit never offered (PAGEFAULT)',
+        bad: (fe) => fe.send(Req.SET_PROTOCOL_FEATURES, VERSION, u64(bit(PF.MQ) | bit(PF.PAGEFAULT))),
       },
       {
         name: 'GET_CONFIG without the CONFIG protocol feature',
