@@ -31,22 +31,21 @@ const post = (m: FromThread): void => port.postMessage(m);
 
 /** Point queue `index` at `shared` (or at no log), letting go of the view it used before. */
 function useLog(index: number, exec: QueueExecutor | undefined, shared: SharedLog | undefined, logAddr: number | undefined): void {
+  const next = exec && shared ? shared.version : undefined;
+  if (logOf.get(index) !== next) releaseLog(index);
   let entry;
-  if (exec && shared) {
-    entry = logs.get(shared.version);
+  if (next !== undefined) {
+    entry = logs.get(next);
     if (!entry) {
-      const buffer = native.view(shared.address, shared.length);
-      entry = { buffer, log: new DirtyLog(new Uint8Array(buffer), shared.kick), users: new Set<number>() };
-      logs.set(shared.version, entry);
+      const buffer = native.view(shared!.address, shared!.length);
+      entry = { buffer, log: new DirtyLog(new Uint8Array(buffer)), users: new Set<number>() };
+      logs.set(next, entry);
     }
-    entry.log.kick = shared.kick;
+    entry.log.kick = shared!.kick;
+    entry.users.add(index);
+    logOf.set(index, next);
   }
   exec?.setLog(entry?.log, logAddr);
-  releaseLog(index);
-  if (entry && shared) {
-    entry.users.add(index);
-    logOf.set(index, shared.version);
-  }
 }
 
 function releaseLog(index: number): void {

@@ -35,6 +35,8 @@ export interface BlkResult {
   data: Uint8Array;
   usedLen: number;
   head: number;
+  /** Where the status byte was (the device wrote it; a dirty log must show its page). */
+  statusGpa: number;
 }
 
 export interface Segment {
@@ -154,7 +156,7 @@ export class BlkQueue {
           }
           const status = mem.read(statusGpa, 1)[0]!;
           for (const g of allocs) mem.free(g);
-          return { status, data, usedLen: u.len, head: u.id };
+          return { status, data, usedLen: u.len, head: u.id, statusGpa };
         },
       });
     });
