@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { gzipSync } from 'node:zlib';
+import { Qmp } from './qmp.js';
 
 export const QEMU_BINARY = 'qemu-system-x86_64';
 export const DEFAULT_TIMEOUT_MS = 240_000;
@@ -191,44 +192,143 @@ export async function waitForPath(path: string, timeoutMs = 30_000): Promise<voi
   }
 }
 
-export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
+/** The guest kit booted with the test's script: the QEMU arguments every run shares (devices not included). */
+async function prepareGuest(opts: GuestOptions, dir: string): Promise<string[]> {
   const memory = opts.memory ?? '512M';
   if (!/^\d+[KMGT]?$/i.test(memory)) throw new Error(`bad memory size ${memory}`);
   const smp = opts.smp ?? 1;
   const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-  opts.signal?.throwIfAborted();
-
   const kit = await provisionGuestKit();
+  // VHOSTD_GUEST_COMPAT_BOOT=1 boots the plain Debian bzImage + gzip initramfs instead.
+  const compat = process.env.VHOSTD_GUEST_COMPAT_BOOT === '1';
+  const initrd = join(dir, 'initrd');
+  await copyFile(compat ? kit.initramfsGz : kit.initramfs, initrd);
+  await appendFile(initrd, buildOverlay(opts.script, opts.files ?? {}));
+
+  // Guest-side watchdog: powers off even if this process dies and leaves QEMU behind.
+  const watchdogS = Math.ceil(timeoutMs / 1000) + 30;
+  const append = ['console=ttyS0', 'panic=-1', 'quiet', `vhostd.watchdog=${watchdogS}`, opts.kernelArgs ?? '']
+    .filter(Boolean)
+    .join(' ');
+  return [
+    // QEMU 7.2's TCG drops the guest's memory barriers unless the machine may have more than one
+    // vCPU (fixed upstream in 8.1). A vhost-user back-end runs beside the vCPU, so the guest's
+    // virtio barriers must be real, or it sometimes misses a kick and the queue stalls: maxcpus=2.
+    '-accel', 'tcg,thread=multi',
+    '-nographic', '-nodefaults', '-no-user-config', '-no-reboot',
+    '-m', memory, '-smp', `${smp},maxcpus=${Math.max(2, smp)}`,
+    // vhost-user back-ends map guest RAM, so it must be a shareable fd.
+    '-object', `memory-backend-memfd,id=mem,size=${memory},share=on`,
+    '-numa', 'node,memdev=mem',
+    ...(opts.cpu ? ['-cpu', opts.cpu] : []),
+    '-kernel', compat ? kit.vmlinuz : kit.kernel, '-initrd', initrd, '-append', append,
+    '-serial', 'stdio', '-monitor', 'none', '-display', 'none',
+  ];
+}
+
+export async function runGuest(opts: GuestOptions): Promise<GuestResult> {
+  opts.signal?.throwIfAborted();
   const dir = await mkdtemp(join(tmpdir(), 'vhostd-guest-'));
   try {
-    // VHOSTD_GUEST_COMPAT_BOOT=1 boots the plain Debian bzImage + gzip initramfs instead.
-    const compat = process.env.VHOSTD_GUEST_COMPAT_BOOT === '1';
-    const initrd = join(dir, 'initrd');
-    await copyFile(compat ? kit.initramfsGz : kit.initramfs, initrd);
-    await appendFile(initrd, buildOverlay(opts.script, opts.files ?? {}));
-
-    // Guest-side watchdog: powers off even if this process dies and leaves QEMU behind.
-    const watchdogS = Math.ceil(timeoutMs / 1000) + 30;
-    const append = ['console=ttyS0', 'panic=-1', 'quiet', `vhostd.watchdog=${watchdogS}`, opts.kernelArgs ?? '']
-      .filter(Boolean)
-      .join(' ');
-    const args = [
-      // QEMU 7.2's TCG drops the guest's memory barriers unless the machine may have more than one
-      // vCPU (fixed upstream in 8.1). A vhost-user back-end runs beside the vCPU, so the guest's
-      // virtio barriers must be real, or it sometimes misses a kick and the queue stalls: maxcpus=2.
-      '-accel', 'tcg,thread=multi',
-      '-nographic', '-nodefaults', '-no-user-config', '-no-reboot',
-      '-m', memory, '-smp', `${smp},maxcpus=${Math.max(2, smp)}`,
-      // vhost-user back-ends map guest RAM, so it must be a shareable fd.
-      '-object', `memory-backend-memfd,id=mem,size=${memory},share=on`,
-      '-numa', 'node,memdev=mem',
-      ...(opts.cpu ? ['-cpu', opts.cpu] : []),
-      '-kernel', compat ? kit.vmlinuz : kit.kernel, '-initrd', initrd, '-append', append,
-      '-serial', 'stdio', '-monitor', 'none', '-display', 'none',
-      ...(opts.devices ?? []),
-    ];
-    return await runQemu(args, timeoutMs, opts);
+    const args = [...(await prepareGuest(opts, dir)), ...(opts.devices ?? [])];
+    return await runQemu(args, opts.timeoutMs ?? DEFAULT_TIMEOUT_MS, opts);
   } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+export interface MigrationOptions extends GuestOptions {
+  /** The destination's devices: the same devices as `devices`, on the destination's back-ends. */
+  destDevices: string[];
+  /** The marker on which the source starts migrating (default MIGRATE). */
+  migrateOn?: string;
+  /** Called once the migration completed (the destination runs the guest now). */
+  onMigrated?: () => void;
+  /**
+   * Migration bandwidth, bytes a second. Default 32 MiB/s, so the pre-copy
+   * lasts seconds while the guest works: pages a back-end writes after QEMU
+   * sent them reach the destination only through the dirty log.
+   */
+  bandwidth?: number;
+  /** Longest pause QEMU may take for the last pass, ms (default 500). */
+  downtimeMs?: number;
+}
+
+export interface MigrationResult {
+  /** The source's run: the console until the guest left it. */
+  source: GuestResult;
+  /** The destination's run: the console from the switch over, with @@EXIT. */
+  dest: GuestResult;
+  /** Both runs' markers (the destination's win). */
+  markers: Record<string, string>;
+  exitCode: number | null;
+  /** query-migrate on the source once it completed. */
+  migration: Record<string, unknown>;
+}
+
+/**
+ * Boots the guest in a source QEMU and live-migrates it, when it prints the
+ * `migrateOn` marker, to a destination QEMU started with -incoming on a Unix
+ * socket (the same machine and devices, on other back-ends), through QMP. The
+ * script runs on in the destination until it reports @@EXIT there.
+ */
+export async function runMigratingGuest(opts: MigrationOptions): Promise<MigrationResult> {
+  opts.signal?.throwIfAborted();
+  const dir = await mkdtemp(join(tmpdir(), 'vhostd-migrate-'));
+  const abort = new AbortController();
+  opts.signal?.addEventListener('abort', () => abort.abort(), { once: true });
+  try {
+    const common = await prepareGuest(opts, dir);
+    const qmp = (side: string): string => join(dir, `${side}.qmp`);
+    const incoming = `unix:${join(dir, 'migrate.sock')}`;
+    const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    const dest = runQemu(
+      [...common, ...opts.destDevices, '-qmp', `unix:${qmp('dest')},server=on,wait=off`, '-incoming', incoming],
+      timeoutMs,
+      { ...opts, signal: abort.signal },
+    );
+    let migration: Promise<Record<string, unknown>> | undefined;
+    const migrate = async (): Promise<Record<string, unknown>> => {
+      await waitForPath(qmp('dest'));
+      const src = await Qmp.connect(qmp('source'));
+      try {
+        await src.execute('migrate-set-parameters', { 'max-bandwidth': opts.bandwidth ?? 32 * 2 ** 20, 'downtime-limit': opts.downtimeMs ?? 500 });
+        await src.execute('migrate', { uri: incoming });
+        for (;;) {
+          const info = (await src.execute('query-migrate')) as Record<string, unknown>;
+          if (info.status === 'completed') {
+            opts.onMigrated?.();
+            await src.execute('quit').catch(() => undefined); // QEMU closes the socket as it quits
+            return info;
+          }
+          if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`migration ${String(info.status)}: ${JSON.stringify(info)}`);
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      } finally {
+        src.close();
+      }
+    };
+    const migrateOn = opts.migrateOn ?? 'MIGRATE';
+    const source = runQemu([...common, ...(opts.devices ?? []), '-qmp', `unix:${qmp('source')},server=on,wait=off`], timeoutMs, {
+      ...opts,
+      signal: abort.signal,
+      allowFailure: true, // the guest leaves it without @@EXIT
+      onMarker: (key, value) => {
+        opts.onMarker?.(key, value);
+        if (key === migrateOn && !migration) {
+          migration = migrate();
+          migration.catch(() => abort.abort());
+        }
+      },
+    });
+    const [s, d] = await Promise.allSettled([source, dest]);
+    if (!migration) throw new GuestError(`the guest never printed @@${migrateOn}`, s.status === 'fulfilled' ? s.value : ({ output: '' } as GuestResult));
+    const info = await migration;
+    if (s.status === 'rejected') throw s.reason;
+    if (d.status === 'rejected') throw d.reason;
+    return { source: s.value, dest: d.value, markers: { ...s.value.markers, ...d.value.markers }, exitCode: d.value.exitCode, migration: info };
+  } finally {
+    abort.abort();
     await rm(dir, { recursive: true, force: true });
   }
 }

@@ -37,10 +37,11 @@ export class Netns {
 
   /**
    * A TCP peer in the namespace: 'recv' reads `bytes` and reports their md5,
-   * 'send' sends `bytes` of seeded data and reports the md5 it sent.
+   * 'send' sends `bytes` of seeded data and reports the md5 it sent, at most
+   * `rate` bytes a second when given.
    */
-  tcpPeer(mode: 'recv' | 'send', port: number, bytes: number): Promise<string> {
-    const child = this.spawn(process.execPath, [TCP_PEER, mode, String(port), String(bytes)]);
+  tcpPeer(mode: 'recv' | 'send', port: number, bytes: number, rate?: number): Promise<string> {
+    const child = this.spawn(process.execPath, [TCP_PEER, mode, String(port), String(bytes), ...(rate ? [String(rate)] : [])]);
     let out = '';
     let err = '';
     child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));

@@ -1,9 +1,10 @@
 // Host end of a TCP integrity check: `recv PORT BYTES` hashes what it receives,
-// `send PORT BYTES` sends seeded pseudo-random bytes; both print the md5 and exit.
+// `send PORT BYTES [RATE]` sends seeded pseudo-random bytes (at most RATE bytes
+// a second when given); both print the md5 and exit.
 import { createHash } from 'node:crypto';
 import { createServer } from 'node:net';
 
-const [mode, port, total] = [process.argv[2], Number(process.argv[3]), Number(process.argv[4])];
+const [mode, port, total, rate] = [process.argv[2], Number(process.argv[3]), Number(process.argv[4]), Number(process.argv[5] ?? 0)];
 const hash = createHash('md5');
 const server = createServer({ allowHalfOpen: true }, (sock) => {
   server.close();
@@ -28,8 +29,11 @@ const server = createServer({ allowHalfOpen: true }, (sock) => {
     let x = 0x12345678;
     const chunk = Buffer.alloc(64 * 1024);
     let sent = 0;
+    const started = Date.now();
     const pump = () => {
       while (sent < total) {
+        const ahead = rate > 0 ? sent - (rate * (Date.now() - started)) / 1000 : 0;
+        if (ahead > 0) return setTimeout(pump, Math.ceil((1000 * ahead) / rate));
         const n = Math.min(chunk.length, total - sent);
         for (let i = 0; i < n; i += 4) {
           x = (x * 1103515245 + 12345) >>> 0;

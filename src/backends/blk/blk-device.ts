@@ -197,7 +197,7 @@ export class BlkDevice implements Device {
     try {
       await new Promise<void>((resolve, reject) => fdatasync(this.image.files.fd, (e) => (e ? reject(e) : resolve())));
       this.flushedAt = writes;
-      this.log.debug({ writes }, 'image flushed at queue stop');
+      this.log.info({ writes }, 'image flushed at queue stop');
     } catch (e) {
       this.log.error({ err: e, image: this.image.path }, 'flush at queue stop failed: writes the guest saw completed may not be durable');
     }
