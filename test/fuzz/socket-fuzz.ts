@@ -71,12 +71,16 @@ export const isManyIndex = (index: number): boolean => Math.floor(index / MANY_B
 /** Image size of both daemons (FuzzDaemon's default): 8192 sectors. */
 const IMAGE_SECTORS = (4 * 1024 * 1024) / 512;
 const REPLY_TIMEOUT_MS = 2_000;
+/** Size of the dirty log's memfd. */
+const LOG_FILE = 1 << 20;
 const NR = F_NEED_REPLY;
 const V = VERSION;
 /** Requests whose reply carries a body: answered whatever need_reply says. */
 const GETS = new Set<number>([
   Req.GET_FEATURES, Req.GET_VRING_BASE, Req.GET_PROTOCOL_FEATURES, Req.GET_QUEUE_NUM, Req.GET_CONFIG,
   Req.GET_INFLIGHT_FD, Req.GET_MAX_MEM_SLOTS, Req.GET_STATUS,
+  // No body worth the name, but answered always: QEMU waits for it.
+  Req.SET_LOG_BASE,
 ]);
 const KNOWN = Object.values(Req) as number[];
 const UNKNOWN_CODES = [0, 19, 20, 22, 23, 26, 27, 28, 29, 30, 33, 35, 41, 42, 99, 255, 0x7fffffff, 0xffffffff];
@@ -121,6 +125,8 @@ class Resources {
   readonly inflightFd: number;
   private readonly inflightAddr: bigint;
   readonly inflight: Uint8Array;
+  /** A dirty log for SET_LOG_BASE (1 MiB of bits: 32 GiB of guest memory), never mapped here. */
+  readonly logFd: number;
 
   constructor() {
     // Region 0 holds rings and buffers; 1 is adjacent; 2 sits above 4 GiB at a 3 GiB file offset, like QEMU's high RAM.
@@ -183,6 +189,10 @@ class Resources {
     this.inflight = new Uint8Array(native.view(this.inflightAddr, INFLIGHT_FILE));
     this.names.set(this.inflightFd, 'inflight-memfd');
     this.fileSize.set(this.inflightFd, INFLIGHT_FILE);
+    this.logFd = native.memfdCreate('vhostd-fuzz-log', MFD_CLOEXEC);
+    ftruncateSync(this.logFd, LOG_FILE);
+    this.names.set(this.logFd, 'log-memfd');
+    this.fileSize.set(this.logFd, LOG_FILE);
   }
 
   name(fd: number): string {
@@ -208,6 +218,7 @@ class Resources {
     native.detach(this.inflight.buffer as ArrayBuffer);
     native.munmap(this.inflightAddr, INFLIGHT_FILE);
     native.close(this.inflightFd);
+    native.close(this.logFd);
     for (const fd of this.own) native.close(fd);
     this.mem.destroy();
     rmSync(this.dir, { recursive: true, force: true });
@@ -408,8 +419,8 @@ function smallRegion(res: Resources, i: number): RegionInfo {
 }
 
 /** Negotiation as QEMU 7.2 does it; returns the protocol features acked and the message flags for commands. */
-function negotiate(rng: Rng, steps: Step[], offer: Offer, useInflight: boolean): { pf: bigint; cf: number } {
-  const pf = offer.protocol & (DRIVER_PROTOCOL | (useInflight ? bit(PF.INFLIGHT_SHMFD) : 0n)) & (rng.chance(0.8) ? ~0n : ~bit(PF.REPLY_ACK));
+function negotiate(rng: Rng, steps: Step[], offer: Offer, useInflight: boolean, extra = 0n): { pf: bigint; cf: number } {
+  const pf = offer.protocol & (DRIVER_PROTOCOL | extra | (useInflight ? bit(PF.INFLIGHT_SHMFD) : 0n)) & (rng.chance(0.8) ? ~0n : ~bit(PF.REPLY_ACK));
   const cf = has(pf, PF.REPLY_ACK) ? V | NR : V;
   steps.push(msg('GET_FEATURES', Req.GET_FEATURES, V));
   steps.push(msg('GET_PROTOCOL_FEATURES', Req.GET_PROTOCOL_FEATURES, V));
@@ -436,10 +447,11 @@ function ringFeaturesFor(rng: Rng, offer: Offer): bigint {
 function baseSequence(rng: Rng, res: Resources, offer: Offer, index: number): Input {
   if (isManyIndex(index)) return manySequence(rng, res, offer);
   const steps: Step[] = [];
-  let variant: string = rng.weighted([[132, 'plain'], [20, 'late-call'], [16, 'reset-owner'], [16, 'early-kick'], [1, 'slots']] as const);
+  let variant: string = rng.weighted([[132, 'plain'], [20, 'late-call'], [16, 'reset-owner'], [16, 'early-kick'], [16, 'migrate'], [1, 'slots']] as const);
+  if (variant === 'migrate' && !has(offer.protocol, PF.LOG_SHMFD)) variant = 'plain';
   // With INFLIGHT_SHMFD offered, a third of the plain sequences use it as QEMU does (GET, then SET_INFLIGHT_FD).
   const useInflight = variant === 'plain' && has(offer.protocol, PF.INFLIGHT_SHMFD) && rng.chance(0.3);
-  const { pf, cf } = negotiate(rng, steps, offer, useInflight);
+  const { pf, cf } = negotiate(rng, steps, offer, useInflight, variant === 'migrate' ? bit(PF.LOG_SHMFD) | bit(PF.STATUS) : 0n);
   if (variant === 'slots' && !has(pf, PF.CONFIGURE_MEM_SLOTS)) variant = 'plain';
   const cmd = (name: string, req: number, payload?: Uint8Array, fds?: number[]): MsgStep => msg(name, req, cf, payload, fds);
   const viaAdd = variant === 'slots' || (has(pf, PF.CONFIGURE_MEM_SLOTS) && rng.chance(0.3));
@@ -536,6 +548,47 @@ function baseSequence(rng: Rng, res: Resources, offer: Offer, index: number): In
       if (swaps < late.length && rng.chance(0.4)) pushLateCall(steps, cf, q, late[swaps++]!);
     }
     variant += noCall ? '/no-call-at-start' : '';
+  } else if (variant === 'migrate') {
+    // QEMU's migration under running rings: a log base, LOG_ALL and the log flag on every ring, I/O
+    // meanwhile, a new log, logging off again; then maybe QEMU 7.2's stop (SET_STATUS 0, then GET_VRING_BASE).
+    steps.push(...memory);
+    for (const r of rings) steps.push(...ordered(r));
+    steps.push(...enable);
+    const logBase = (name: string, bytes: number): void => {
+      const b = new Uint8Array(16);
+      new DataView(b.buffer).setBigUint64(0, BigInt(bytes), true);
+      steps.push(msg(name, Req.SET_LOG_BASE, cf, b, [res.logFd]));
+    };
+    const logging = (on: boolean): void => {
+      steps.push(cmd(`SET_FEATURES(LOG_ALL ${on ? 'on' : 'off'})`, Req.SET_FEATURES, u64(on ? features | bit(VF.LOG_ALL) : features)));
+      rings.forEach((r, q) => {
+        const b = r.addr.payload.slice();
+        const v = new DataView(b.buffer);
+        v.setUint32(4, on ? 1 : 0, true);
+        v.setBigUint64(32, on ? BigInt(q) * 0x10000n + 0x100000n : 0n, true);
+        steps.push(cmd(`SET_VRING_ADDR(${q}, log ${on ? 'on' : 'off'})`, Req.SET_VRING_ADDR, b));
+      });
+    };
+    someIo(rng.range(0, 3));
+    logBase('SET_LOG_BASE', rng.pick([LOG_FILE, 4096, 65536]));
+    logging(true);
+    someIo(rng.range(1, 4));
+    if (rng.chance(0.5)) {
+      logBase('SET_LOG_BASE(grown)', LOG_FILE);
+      someIo(rng.range(1, 3));
+    }
+    pushAwaits(steps, cnt);
+    if (rng.chance(0.5)) {
+      logging(false);
+      someIo(rng.range(1, 2));
+      pushAwaits(steps, cnt);
+    }
+    if (has(pf, PF.STATUS) && rng.chance(0.5)) {
+      steps.push(cmd('SET_STATUS(DRIVER_OK|FEATURES_OK|DRIVER|ACK)', Req.SET_STATUS, u64(0xf)));
+      steps.push(msg('GET_STATUS', Req.GET_STATUS, V));
+      if (rng.chance(0.5)) steps.push(cmd('SET_STATUS(0)', Req.SET_STATUS, u64(0)));
+    }
+    stop(0.6);
   } else if (variant === 'reset-owner') {
     // RESET_OWNER only disables the rings: SET_VRING_ENABLE(1) resumes them, no memory table or ring messages needed.
     steps.push(...memory);
@@ -868,6 +921,17 @@ function mutateFields(c: MutCtx, s: MsgStep): void {
     case Req.SET_VRING_ENABLE:
     case Req.GET_VRING_BASE:
       s.payload = rng.chance(0.5) ? patch(p, 0, randomU32(rng), 4) : patch(p, 4, randomU32(rng), 4);
+      return;
+    case Req.SET_LOG_BASE: {
+      const kind = rng.pick(['size', 'offset', 'fd', 'none']);
+      if (kind === 'size') s.payload = patch(p.length >= 16 ? p : new Uint8Array(16), 0, rng.pick([0n, 1n, 4095n, BigInt(LOG_FILE) + 1n, 1n << 30n, (1n << 30n) + 1n, 1n << 63n, rng.u64()]), 8);
+      else if (kind === 'offset') s.payload = patch(p.length >= 16 ? p : new Uint8Array(16), 8, rng.pick([1n, 4096n, BigInt(LOG_FILE), 1n << 40n, rng.u64()]), 8);
+      else if (kind === 'fd') s.fds = [anyFd(c)];
+      else s.fds = [];
+      return;
+    }
+    case Req.SET_STATUS:
+      s.payload = u64(rng.pick([0n, 1n, 8n, 0xfn, 0x40n, 0x80n, 0xffn, 0x100n, rng.u64()]));
       return;
     case Req.GET_INFLIGHT_FD:
     case Req.SET_INFLIGHT_FD: {
@@ -1821,7 +1885,7 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
   const failures: Failure[] = [];
   const extra: Record<string, number> = {
     aborted: 0, refusedRetries: 0, restarts: 0, healthySessions: 0, leakChecks: 0, pastEofInputs: 0, manyFdsInputs: 0, syncInputs: 0, inflightInputs: 0,
-    manyQueueInputs: 0, lateCallInputs: 0, resetOwnerInputs: 0, earlyKickInputs: 0, slotInputs: 0, checkedIo: 0, callFdChecks: 0,
+    manyQueueInputs: 0, lateCallInputs: 0, resetOwnerInputs: 0, earlyKickInputs: 0, slotInputs: 0, migrateInputs: 0, checkedIo: 0, callFdChecks: 0,
   };
   const t0 = Date.now();
   const ticker = new Ticker('socket', t0, opts.onProgress);
@@ -1972,7 +2036,7 @@ export async function run(opts: RunOptions): Promise<FuzzStats> {
       if (input.sync) extra.syncInputs!++;
       if (input.inflight) extra.inflightInputs!++;
       const variant = input.variant.split('/')[0]!;
-      const counter = ({ many: 'manyQueueInputs', 'late-call': 'lateCallInputs', 'reset-owner': 'resetOwnerInputs', 'early-kick': 'earlyKickInputs', slots: 'slotInputs' } as Record<string, string>)[variant];
+      const counter = ({ many: 'manyQueueInputs', 'late-call': 'lateCallInputs', 'reset-owner': 'resetOwnerInputs', 'early-kick': 'earlyKickInputs', slots: 'slotInputs', migrate: 'migrateInputs' } as Record<string, string>)[variant];
       if (counter) extra[counter]!++;
       let out: Outcome;
       let tries = 0;
