@@ -11,6 +11,7 @@ import { DRIVER_PROTOCOL, type Session } from '../driver/session.js';
 import { bit, F_NEED_REPLY, PF, readU64, Req, u64, VERSION, VF, vringAddr } from '../driver/wire.js';
 import { native, MFD_CLOEXEC, PROT_READ, PROT_WRITE } from '../../src/native/index.js';
 import { useBackend, waitFor, withSession } from './helpers.js';
+import { memfdMaps } from './inflight-helpers.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
@@ -84,6 +85,7 @@ describe.each([
   [' on a queue thread', ['--threads', '1']],
 ])('dirty logging%s', { timeout: 60_000 }, (_where, placement) => {
   const be = useBackend('vhostd', { numQueues: 1, imageBytes: 16 * MiB, extraArgs: placement });
+  const logMaps = (): number => memfdMaps(be().proc.pid!).filter((l) => l.includes('test-dirty-log')).length;
 
   it('offers LOG_SHMFD and LOG_ALL; marks every page it writes once logging is on under a running ring', async () => {
     const log = new TestLog();
@@ -151,6 +153,8 @@ describe.each([
         await blk.run({ type: T.IN, sector: 0, inLen: PAGE, dataGpa: own });
         expect(b.pages().has(own / PAGE)).toBe(true);
         expect(a.pages().size, 'marks in the replaced log').toBe(0);
+        // The replaced log is unmapped by then: the daemon maps one log.
+        expect(logMaps(), 'dirty log mappings in the daemon').toBe(1);
 
         // Logging on and off while 64 requests are in flight: each completes exactly once, and well.
         let submitted = 0;
@@ -172,6 +176,8 @@ describe.each([
         const [base] = await s.stopDevice();
         expect(base, 'requests taken: each once').toBe(submitted + 3);
       });
+      // The front-end went away: nothing of the log is left mapped.
+      await waitFor(() => logMaps() === 0, 'the log unmapped after the disconnect');
     } finally {
       a.close();
       b.close();
