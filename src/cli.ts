@@ -4,7 +4,8 @@ import { basename, dirname } from 'node:path';
 import { pino, type Logger } from 'pino';
 import yargs, { type Argv } from 'yargs';
 import { BlkDevice, MAX_QUEUE_SIZE } from './backends/blk/blk-device.js';
-import { Image, type Aio } from './backends/blk/image.js';
+import { Image, type Aio, type DiskImage } from './backends/blk/image.js';
+import { RbdError, RbdImage } from './backends/blk/rbd.js';
 import { NetDevice } from './backends/net/net-device.js';
 import { Placement } from './ring/placement.js';
 import { Tap } from './backends/net/tap.js';
@@ -130,6 +131,12 @@ interface BlkArgs extends OpsArgs {
   fd: number | undefined;
   client: boolean;
   file: string;
+  /** POOL/IMAGE on a Ceph cluster, instead of file. */
+  rbd: string | undefined;
+  cephConf: string | undefined;
+  cephId: string | undefined;
+  cephKeyring: string | undefined;
+  cephTimeout: number;
   readonly: boolean;
   numQueues: number;
   direct: boolean;
@@ -258,14 +265,24 @@ function ensureDefaultImage(path: string, log: Logger): void {
 async function runBlk(args: BlkArgs): Promise<number> {
   const listener = chooseListener(args, DEFAULT_BLK_SOCKET);
   const log = await makeLogger(args.logLevel, deviceId(args, listener, 'blk'));
-  if (args.file === DEFAULT_BLK_IMAGE) ensureDefaultImage(args.file, log);
+  if (!args.rbd && args.file === DEFAULT_BLK_IMAGE) ensureDefaultImage(args.file, log);
   if (listener.kind === 'path' && listener.path === DEFAULT_BLK_SOCKET) mkdirSync(dirname(listener.path), { recursive: true });
 
-  let image: Image;
-  try {
-    image = new Image({ path: args.file, readonly: args.readonly, direct: args.direct, aio: args.aio });
-  } catch (e) {
-    throw new UsageError(`cannot open image ${args.file}: ${(e as Error).message}`);
+  let image: DiskImage;
+  if (args.rbd) {
+    log.info({ rbd: args.rbd, conf: args.cephConf, id: args.cephId, timeoutS: args.cephTimeout }, 'connecting to the Ceph cluster');
+    try {
+      image = new RbdImage({ spec: args.rbd, conf: args.cephConf, id: args.cephId, keyring: args.cephKeyring, readonly: args.readonly, timeoutS: args.cephTimeout });
+    } catch (e) {
+      if (e instanceof RbdError) throw new UsageError(`cannot open RBD image ${args.rbd}: ${e.message}`);
+      throw e;
+    }
+  } else {
+    try {
+      image = new Image({ path: args.file, readonly: args.readonly, direct: args.direct, aio: args.aio });
+    } catch (e) {
+      throw new UsageError(`cannot open image ${args.file}: ${(e as Error).message}`);
+    }
   }
   if (image.size % args.logicalBlockSize) {
     log.warn({ bytes: image.size, logicalBlockSize: args.logicalBlockSize }, 'image size is not a multiple of the block size; the tail is not visible to the guest');
@@ -274,7 +291,11 @@ async function runBlk(args: BlkArgs): Promise<number> {
     { image, numQueues: args.numQueues, serial: args.serial, logicalBlockSize: args.logicalBlockSize },
     log,
   );
-  log.info({ file: args.file, bytes: image.size, readonly: args.readonly, direct: image.direct, aio: image.aio }, 'image opened');
+  log.info({ file: image.path, bytes: image.size, readonly: args.readonly, direct: image.direct, aio: image.aio }, 'image opened');
+  // An RBD image tells us when its header changes (`rbd resize`): no signal needed.
+  if (image instanceof RbdImage) {
+    image.watch(() => void device.resize().then((r) => log[r.ok ? 'info' : 'warn']({ bytes: r.bytes }, `RBD image changed: ${r.message}`)));
+  }
   if (image.aioNote && args.aio === 'auto') log.warn({ reason: image.aioNote }, 'io_uring unavailable: image I/O runs on the thread pool');
   // By default blk queues share the daemon's thread: the kernel (io_uring) does their file I/O.
   const placement = new Placement(device, { threads: args.threads, logLevel: args.logLevel, name: 'blk', pollUs: args.pollUs });
@@ -364,7 +385,7 @@ export async function main(argv: string[]): Promise<number> {
       .usage('$0 <command> [options]\n\nvhost-user back-end daemon: QEMU attaches over a Unix socket.')
       .command(
         'blk',
-        'Serve a virtio-blk device backed by an image file',
+        'Serve a virtio-blk device backed by an image file or a Ceph RBD image',
         (y) =>
           addOpsOptions(y)
             .option('socket', { type: 'string', alias: 'socket-path', describe: `Unix socket path QEMU connects to [default: ${DEFAULT_BLK_SOCKET}]` })
@@ -372,6 +393,11 @@ export async function main(argv: string[]): Promise<number> {
             .option('print-capabilities', { type: 'boolean', describe: 'Print the back-end capabilities (vhost-user.json) and exit' })
             .option('client', { type: 'boolean', default: false, describe: 'Connect to a front-end listening on --socket (QEMU server=on), reconnecting with backoff' })
             .option('file', { type: 'string', alias: 'blk-file', default: DEFAULT_BLK_IMAGE, describe: 'Disk image: a raw file or a block device (the default is created sparse, 1 GiB)' })
+            .option('rbd', { type: 'string', describe: 'Serve a Ceph RBD image, POOL/IMAGE, instead of --file (needs librbd1)' })
+            .option('ceph-conf', { type: 'string', describe: 'ceph.conf for --rbd [default: librados\' search, /etc/ceph/ceph.conf]' })
+            .option('ceph-id', { type: 'string', describe: 'Ceph client name without "client." [default: admin]' })
+            .option('ceph-keyring', { type: 'string', describe: 'Keyring for --ceph-id [default: from the conf]' })
+            .option('ceph-timeout', { type: 'number', default: 30, describe: 'Seconds the Ceph monitors may take to answer at start-up' })
             .option('readonly', { type: 'boolean', alias: 'read-only', default: false, describe: 'Expose the disk read-only' })
             .option('num-queues', { type: 'number', default: 1, describe: `Request queues (1..64)` })
             .option('direct', { type: 'boolean', default: false, describe: 'Use O_DIRECT for aligned requests (bypasses the host page cache)' })
@@ -381,7 +407,11 @@ export async function main(argv: string[]): Promise<number> {
             .option('serial', { type: 'string', default: 'vhostd', describe: 'Serial number returned by GET_ID (at most 20 bytes)' })
             .option('logical-block-size', { type: 'number', default: 512, describe: 'Logical block size: 512 or 4096' })
             .example('$0 blk --socket /run/vhostd/disk0.sock --file /var/lib/images/disk0.img --num-queues 2', '')
+            .example('$0 blk --socket /run/vhostd/disk1.sock --rbd rbd/vm1-disk --ceph-conf /etc/ceph/ceph.conf --ceph-id vhostd', '')
             .check((a) => {
+              if (a.rbd !== undefined && a.file !== DEFAULT_BLK_IMAGE) throw new UsageError('--rbd and --file name two disks: give one');
+              if (a.rbd !== undefined && a.direct) throw new UsageError('--direct is for files; RBD has no page cache to bypass');
+              if (!(a['ceph-timeout'] > 0 && a['ceph-timeout'] <= 3600)) throw new UsageError('--ceph-timeout must be in (0, 3600] seconds');
               positiveInt('num-queues', a['num-queues'], 64);
               if (a['logical-block-size'] !== 512 && a['logical-block-size'] !== 4096) {
                 throw new UsageError('--logical-block-size must be 512 or 4096');
@@ -399,6 +429,11 @@ export async function main(argv: string[]): Promise<number> {
             fd: a.fd,
             client: a.client,
             file: a.file,
+            rbd: a.rbd,
+            cephConf: a['ceph-conf'],
+            cephId: a['ceph-id'],
+            cephKeyring: a['ceph-keyring'],
+            cephTimeout: a['ceph-timeout'],
             readonly: a.readonly,
             numQueues: a['num-queues'],
             direct: a.direct,

@@ -63,7 +63,43 @@ export interface Native {
   ioUringEnter(fd: number, toSubmit: number, minComplete: number, flags: number): number;
   /** io_uring_register(2): the result, or -errno. */
   ioUringRegister(fd: number, opcode: number, arg: ArrayBufferView | null, nrArgs: number): number;
+  /** pipe2(2): [read end, write end]; throws on failure. */
+  pipe2(flags: number): [number, number];
+
+  // librados/librbd (rbd.c), opened with dlopen at first use. Each throws
+  // (code ENOLIBRBD) when the libraries cannot be loaded; handles are BigInts.
+  /** Why librbd cannot be used, or '' when it can. */
+  rbdLoadError(): string;
+  radosCreate(id: string | null): bigint | number;
+  radosConfReadFile(cluster: bigint, path: string | null): number;
+  radosConfSet(cluster: bigint, option: string, value: string): number;
+  /** Blocks up to client_mount_timeout: 0 or -errno. */
+  radosConnect(cluster: bigint): number;
+  radosShutdown(cluster: bigint): void;
+  radosIoctxCreate(cluster: bigint, pool: string): bigint | number;
+  radosIoctxDestroy(ioctx: bigint): void;
+  rbdOpen(ioctx: bigint, name: string): bigint | number;
+  rbdClose(image: bigint): number;
+  rbdGetSize(image: bigint): number;
+  /**
+   * Start one asynchronous request (RBD_OP_*): the completion, or -errno. When
+   * it completes, its address is written (8 bytes) to fd. `iov` is the address of
+   * `iovcnt` struct iovec (readv, writev); `length` is for discard and write-zeroes.
+   */
+  rbdAio(op: number, image: bigint, fd: number, iov: bigint, iovcnt: number, offset: number, length: number): bigint | number;
+  /** The completion's result (bytes, or -errno); releases it. */
+  rbdAioFinish(completion: bigint): number;
+  /** Write the eventfd whenever the image header changes: a watch handle, or -errno. */
+  rbdUpdateWatch(image: bigint, eventfd: number): bigint | number;
+  rbdUpdateUnwatch(image: bigint, watch: bigint): number;
 }
+
+export const RBD_OP_READV = 0;
+export const RBD_OP_WRITEV = 1;
+export const RBD_OP_FLUSH = 2;
+export const RBD_OP_DISCARD = 3;
+export const RBD_OP_WRITE_ZEROES = 4;
+export const O_CLOEXEC = 0o2000000;
 
 export type WatchHandle = { readonly __brand: 'WatchHandle' };
 

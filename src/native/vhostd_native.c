@@ -1,7 +1,8 @@
 // Thin N-API bindings for the syscalls Node has no API for. No logic lives
 // here: every function maps to one syscall (or one libuv primitive), reports
 // failure as a negative errno or a thrown Error with .code, and leaves policy
-// to TypeScript. Context-aware, so workers can load it too.
+// to TypeScript. Context-aware, so workers can load it too. rbd.c adds the
+// librados/librbd calls of the RBD backend, opened with dlopen.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -22,6 +23,8 @@
 #include <uv.h>
 
 #define MAX_FDS 8
+
+void vhostd_register_rbd(napi_env env, napi_value exports);
 
 #define CHECK(call)                                                  \
   do {                                                               \
@@ -394,6 +397,22 @@ static napi_value js_eventfd(napi_env env, napi_callback_info info) {
   return make_int(env, fd);
 }
 
+// pipe2(flags) -> [readFd, writeFd]; throws on failure.
+static napi_value js_pipe2(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int32_t flags;
+  if (get_args(env, info, 1, argv) || get_i32(env, argv[0], &flags)) return NULL;
+  int fds[2];
+  if (pipe2(fds, flags) < 0) return throw_errno(env, "pipe2", errno);
+  napi_value out, a, b;
+  napi_create_array_with_length(env, 2, &out);
+  napi_create_int32(env, fds[0], &a);
+  napi_create_int32(env, fds[1], &b);
+  napi_set_element(env, out, 0, a);
+  napi_set_element(env, out, 1, b);
+  return out;
+}
+
 static napi_value js_memfd_create(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   char name[250];
@@ -746,7 +765,7 @@ NAPI_MODULE_INIT() {
   } fns[] = {
       {"listen", js_listen},   {"accept", js_accept},   {"connect", js_connect},
       {"recvmsg", js_recvmsg}, {"sendmsg", js_sendmsg}, {"watch", js_watch},
-      {"unwatch", js_unwatch}, {"eventfd", js_eventfd}, {"memfdCreate", js_memfd_create},
+      {"unwatch", js_unwatch}, {"eventfd", js_eventfd}, {"pipe2", js_pipe2}, {"memfdCreate", js_memfd_create},
       {"read", js_read},       {"write", js_write},     {"close", js_close},
       {"ioctl", js_ioctl},     {"mmap", js_mmap},       {"munmap", js_munmap},
       {"view", js_view},       {"detach", js_detach},   {"address", js_address},
@@ -760,5 +779,6 @@ NAPI_MODULE_INIT() {
     napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].fn, NULL, &f);
     napi_set_named_property(env, exports, fns[i].name, f);
   }
+  vhostd_register_rbd(env, exports);
   return exports;
 }

@@ -23,6 +23,8 @@ export interface BackendOptions {
   imageBytes?: number;
   /** Extra vhostd CLI arguments. */
   extraArgs?: string[];
+  /** Serve an RBD image (POOL/IMAGE on the cluster `conf` names) instead of a file. */
+  rbd?: { spec: string; conf: string };
 }
 
 export interface Backend {
@@ -94,7 +96,7 @@ export async function startBackend(kind: BackendKind, opts: BackendOptions = {})
     checkBuilt();
     cmd = process.execPath;
     args = [
-      VHOSTD_BIN, 'blk', '--socket', socket, '--file', image, '--num-queues', String(numQueues),
+      VHOSTD_BIN, 'blk', '--socket', socket, ...(opts.rbd ? ['--rbd', opts.rbd.spec, '--ceph-conf', opts.rbd.conf] : ['--file', image]), '--num-queues', String(numQueues),
       '--serial', serial, '--log-level', 'debug',
       ...(opts.readonly ? ['--readonly'] : []),
       ...(opts.extraArgs ?? []),
@@ -103,7 +105,10 @@ export async function startBackend(kind: BackendKind, opts: BackendOptions = {})
     cmd = QSD_BIN;
     const ro = opts.readonly ? ',read-only=on' : '';
     args = [
-      '--blockdev', `driver=file,node-name=f0,filename=${image},discard=unmap${ro}`,
+      '--blockdev',
+      opts.rbd
+        ? `driver=rbd,node-name=f0,pool=${opts.rbd.spec.split('/')[0]},image=${opts.rbd.spec.split('/')[1]},conf=${opts.rbd.conf},user=admin,discard=unmap${ro}`
+        : `driver=file,node-name=f0,filename=${image},discard=unmap${ro}`,
       '--export',
       `type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=${socket},writable=${opts.readonly ? 'off' : 'on'},num-queues=${numQueues}`,
     ];

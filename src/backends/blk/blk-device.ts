@@ -1,7 +1,6 @@
 // The virtio-blk device: features, config space and the driver's cache mode,
 // on the daemon's thread. Requests are served by blk-queue.ts, on this thread
 // or on queue threads (--threads), from what queueSetup() hands each queue.
-import { fdatasync } from 'node:fs';
 import type { Device } from '../../device.js';
 import {
   bit,
@@ -39,12 +38,12 @@ import {
   type BlkConfig,
 } from './config.js';
 import { BC, blkRunner, BLK_COUNTERS, BLK_STATE_BYTES, BLK_STATE_SLOTS, CAPACITY_OFFSET, WRITEBACK, type BlkSetup } from './blk-queue.js';
-import type { Image } from './image.js';
+import type { DiskImage } from './image.js';
 
 export { MAX_QUEUE_SIZE };
 
 export interface BlkOptions {
-  image: Image;
+  image: DiskImage;
   numQueues: number;
   serial: string;
   logicalBlockSize: number;
@@ -64,7 +63,7 @@ export class BlkDevice implements Device {
   /** The data path on the daemon's thread; queue threads load runnerModule instead. */
   readonly runner: QueueRunner;
   readonly runnerModule = new URL('./blk-queue.js', import.meta.url);
-  private readonly image: Image;
+  private readonly image: DiskImage;
   private readonly serial: Uint8Array;
   private readonly blkSize: number;
   /** The driver's cache mode, shared with the queues wherever they run (BlkSetup.state). */
@@ -195,7 +194,7 @@ export class BlkDevice implements Device {
     const writes = this.writesSoFar();
     if (writes === this.flushedAt || this.image.readonly) return;
     try {
-      await new Promise<void>((resolve, reject) => fdatasync(this.image.files.fd, (e) => (e ? reject(e) : resolve())));
+      await new Promise<void>((resolve, reject) => this.image.io.flush((e) => (e ? reject(e) : resolve())));
       this.flushedAt = writes;
       this.log.info({ writes }, 'image flushed at queue stop');
     } catch (e) {

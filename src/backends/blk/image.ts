@@ -1,8 +1,10 @@
 // The disk image: a regular file or block device, read and written with
 // vectored I/O straight between the file and guest memory views: through
-// io_uring when the kernel allows it, else readv/writev on libuv's pool.
+// io_uring when the kernel allows it, else readv/writev on libuv's pool. An
+// RBD image (rbd.ts) serves the same interfaces.
 import { closeSync, constants, fdatasync, fstatSync, openSync, readv, writev, type Stats } from 'node:fs';
 import { IoUring } from './io-uring.js';
+import { threadRbdIo } from './rbd.js';
 import { native, EOPNOTSUPP, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../../native/index.js';
 
 /** O_DIRECT needs memory, offset and length aligned; 4 KiB satisfies every device we meet. */
@@ -36,14 +38,49 @@ export interface ImageFiles {
   directFd: number;
   /** O_DSYNC fd for write-through on the thread pool (io_uring uses RWF_DSYNC instead). */
   dsyncFd: number;
-  aio: 'io_uring' | 'threads';
+  aio: 'io_uring' | 'threads' | 'rbd';
+  /** The librbd image handle when the disk is an RBD image (the fds are -1 then). */
+  rbd?: bigint;
+}
+
+/** One thread's I/O on a disk, whatever backs it. Callbacks run on that thread's loop. */
+export interface ImageIo {
+  read(position: number, iov: Uint8Array[], cb: (err: Error | null) => void): void;
+  /** Write; `durable` means the data is on stable storage when cb runs. */
+  write(position: number, iov: Uint8Array[], durable: boolean, cb: (err: Error | null) => void): void;
+  flush(cb: (err: Error | null) => void): void;
+  discard(offset: number, length: number, cb: (err: Error | null) => void): void;
+  writeZeroes(offset: number, length: number, unmap: boolean, durable: boolean, cb: (err: Error | null) => void): void;
+  /** Complete whatever finished (busy-polling does not wait for the loop's notification). */
+  reap(): void;
+  /** Hand queued requests to the kernel now (the end of a queue's run). */
+  submit(): void;
+  readonly uringCounts: { submits: number; submitted: number; inFlight: number } | undefined;
+}
+
+/** What a blk device needs of the disk it serves: a file (Image) or an RBD image (RbdImage). */
+export interface DiskImage {
+  /** Plain data for queue threads. */
+  readonly files: ImageFiles;
+  /** I/O from the daemon's thread. */
+  readonly io: ImageIo;
+  readonly path: string;
+  readonly size: number;
+  readonly readonly: boolean;
+  readonly aio: ImageFiles['aio'];
+  readonly direct: boolean;
+  readonly aioNote: string | undefined;
+  readonly uringCounts: { submits: number; submitted: number; inFlight: number } | undefined;
+  /** The size now (it may have grown). */
+  currentSize(): number;
+  close(): void;
 }
 
 /**
  * The I/O of one thread on an image's descriptors: through that thread's
  * io_uring when it has one, else libuv's pool (which also runs fallocate).
  */
-export class ImageIo {
+export class FileIo implements ImageIo {
   constructor(
     readonly files: ImageFiles,
     private readonly uring: IoUring | undefined,
@@ -149,17 +186,18 @@ let threadRing: IoUring | string | undefined;
  * A thread that cannot open one uses the pool, and `note` says why.
  */
 export function threadImageIo(files: ImageFiles): { io: ImageIo; note?: string } {
-  if (files.aio !== 'io_uring') return { io: new ImageIo(files, undefined) };
+  if (files.rbd !== undefined) return { io: threadRbdIo(files.rbd) };
+  if (files.aio !== 'io_uring') return { io: new FileIo(files, undefined) };
   threadRing ??= IoUring.open(URING_ENTRIES);
-  if (typeof threadRing === 'string') return { io: new ImageIo(files, undefined), note: threadRing };
-  return { io: new ImageIo(files, threadRing) };
+  if (typeof threadRing === 'string') return { io: new FileIo(files, undefined), note: threadRing };
+  return { io: new FileIo(files, threadRing) };
 }
 
 /** The image a blk device serves: opens and owns the descriptors, and does the daemon thread's I/O. */
-export class Image {
+export class Image implements DiskImage {
   readonly files: ImageFiles;
   /** I/O from the daemon's thread. */
-  readonly io: ImageIo;
+  readonly io: FileIo;
   private readonly uring: IoUring | undefined;
   /** Why io_uring is not in use, when it is not. */
   readonly aioNote: string | undefined;
@@ -193,7 +231,7 @@ export class Image {
     if (typeof ring === 'string') this.aioNote = ring;
     else this.uring = ring;
     this.files = { path: opts.path, size, readonly: opts.readonly, fd, directFd, dsyncFd, aio: this.uring ? 'io_uring' : 'threads' };
-    this.io = new ImageIo(this.files, this.uring);
+    this.io = new FileIo(this.files, this.uring);
   }
 
   get path(): string {
@@ -214,7 +252,7 @@ export class Image {
     return this.files.readonly;
   }
 
-  get aio(): 'io_uring' | 'threads' {
+  get aio(): ImageFiles['aio'] {
     return this.files.aio;
   }
 
