@@ -84,6 +84,8 @@ osd pool default pg num = 8
 osd pool default pgp num = 8
 osd crush chooseleaf type = 0
 paxos propose interval = 0.1
+# A killed client's exclusive lock is broken once its watch lapses: 5 s, not 30.
+osd client watch timeout = 5
 keyring = $KEYRING
 run dir = $DIR/run
 pid file = $DIR/run/\$name.pid

@@ -11,7 +11,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startVhostd, startVhostdNet, type Backend } from './daemons.js';
-import { provisionGuestKit, qemuAvailable, runMigratingGuest, vhostUserBlkArgs, vhostUserNetArgs, type MigrationResult } from './guest.js';
+import { provisionGuestKit, qemuAvailable, runMigratingGuest, vhostUserBlkArgs, vhostUserNetArgs } from './guest.js';
+import { expectCleanMigrationFio, expectMigrated, migrationFioScript, summary } from './migrate.js';
 import { Netns } from './netns.js';
 
 const run = qemuAvailable() || process.env.CI === 'true' ? describe : describe.skip;
@@ -19,27 +20,6 @@ const GUEST_TIMEOUT = Number(process.env.VHOSTD_GUEST_TIMEOUT ?? 300_000);
 const MiB = 1 << 20;
 /** How long the guest keeps its workload going after asking to be migrated (the switch-over happens in the first seconds). */
 const WORK_S = 40;
-
-/** What the run looked like, for the log (and the closing note). */
-function summary(what: string, r: MigrationResult): void {
-  const m = r.migration as { 'total-time'?: number; downtime?: number; ram?: Record<string, number> };
-  const ram = m.ram ?? {};
-  console.log(
-    `${what}: migrated in ${m['total-time']} ms, downtime ${m.downtime} ms, ${ram['dirty-sync-count']} bitmap syncs, ` +
-      `${Math.round((ram.transferred ?? 0) / 2 ** 20)} MiB sent, ${ram['dirty-pages-rate'] ?? 0} dirty pages/s; ` +
-      `source printed ${Object.keys(r.source.markers).join(' ')}; destination printed ${Object.keys(r.dest.markers).join(' ')}`,
-  );
-}
-
-function expectMigrated(r: MigrationResult): void {
-  if (r.exitCode !== 0) throw new Error(`guest failed (exit ${r.exitCode}):\n--- source ---\n${r.source.output.slice(-3000)}\n--- destination ---\n${r.dest.output.slice(-4000)}`);
-  expect(r.migration.status).toBe('completed');
-  const ram = r.migration.ram as { 'dirty-sync-count': number };
-  expect(ram['dirty-sync-count'], 'dirty bitmap syncs').toBeGreaterThan(1);
-}
-
-/** Rounds whose marker the destination printed: work done after the switch-over. */
-const roundsOn = (res: { markers: Record<string, string> }): string[] => Object.keys(res.markers).filter((k) => /^ROUND\d+$/.test(k));
 
 run('live migration between two QEMUs, each with its own vhostd', { timeout: GUEST_TIMEOUT + 120_000 }, () => {
   beforeAll(async () => {
@@ -68,51 +48,16 @@ run('live migration between two QEMUs, each with its own vhostd', { timeout: GUE
     });
 
     it('fio writes and verifies across the switch-over; the destination sees no verify error and no I/O error', async () => {
-      const job = (name: string, offsetMiB: number, seed: string, direct = 1) =>
-        `fio --name=${name} --filename=/dev/vda --rw=randwrite --bs=4k --offset=${offsetMiB}M --size=16M --ioengine=libaio --iodepth=8 --direct=${direct} ` +
-        `--verify=crc32c --randseed=${seed} --output-format=terse --terse-version=3${direct ? '' : ' --invalidate=0'}`;
       const res = await runMigratingGuest({
         smp: 2,
         devices: vhostUserBlkArgs(source!.socket, { id: 'disk0', numQueues: 1 }),
         destDevices: vhostUserBlkArgs(dest!.socket, { id: 'disk0', numQueues: 1 }),
         timeoutMs: GUEST_TIMEOUT,
-        script: `
-# Data written before the migration, verified again in every round after it.
-${job('seed', 0, '7')} --do_verify=0 > /tmp/s.txt 2>&1 || { cat /tmp/s.txt; exit 1; }
-${job('seed', 0, '7')} --verify_only > /tmp/sv.txt 2>&1 || { cat /tmp/sv.txt; exit 2; }
-echo "@@SEED=$(cut -d';' -f5 /tmp/s.txt),$(cut -d';' -f5 /tmp/sv.txt)"
-# The seed is re-verified through the page cache (--invalidate=0 keeps fio from
-# dropping it): the first round fills it while
-# the pre-copy runs (vhostd writes those pages after QEMU sent them), and the
-# rounds on the destination read it from there. An unlogged page is stale there.
-echo 3 > /proc/sys/vm/drop_caches
-echo "@@MIGRATE=now"
-${job('seed', 0, '7', 0)} --verify_only > /tmp/c.txt 2>&1 || { cat /tmp/c.txt; exit 6; }
-echo "@@CACHED=$(cut -d';' -f5 /tmp/c.txt)"
-end=$(( $(cut -d. -f1 /proc/uptime) + ${WORK_S} ))
-round=0
-while [ $(cut -d. -f1 /proc/uptime) -lt $end ]; do
-  round=$((round + 1))
-  ${job('r$round', 16, '$round')} --do_verify=0 > /tmp/w.txt 2>&1 || { cat /tmp/w.txt; exit 3; }
-  ${job('r$round', 16, '$round')} --verify_only > /tmp/v.txt 2>&1 || { cat /tmp/v.txt; exit 4; }
-  ${job('seed', 0, '7', 0)} --verify_only > /tmp/a.txt 2>&1 || { cat /tmp/a.txt; exit 5; }
-  echo "@@ROUND$round=$(cut -d';' -f5 /tmp/w.txt),$(cut -d';' -f5 /tmp/v.txt),$(cut -d';' -f5 /tmp/a.txt)"
-done
-echo "@@ROUNDS=$round"
-echo "@@IOERRORS=$(dmesg | grep -ci 'I/O error')"
-`,
+        script: migrationFioScript(WORK_S),
       });
       summary('blk', res);
       expectMigrated(res);
-      expect(res.markers.SEED).toBe('0,0');
-      expect(res.markers.CACHED).toBe('0');
-      // The page cache was filled while the pre-copy ran, and read again on the destination.
-      expect(res.source.markers.CACHED, 'the seed was cached before the switch-over').toBeDefined();
-      const rounds = Number(res.markers.ROUNDS);
-      for (let i = 1; i <= rounds; i++) expect(res.markers[`ROUND${i}`], `fio errors in round ${i}`).toBe('0,0,0');
-      expect(res.markers.IOERRORS).toBe('0');
-      // Work happened on both sides: rounds finished on the destination, and the source logged for the migration.
-      expect(roundsOn(res.dest).length, 'rounds finished on the destination').toBeGreaterThanOrEqual(2);
+      expectCleanMigrationFio(res);
       expect(source!.output()).toMatch(/dirty logging on/);
       expect(source!.output()).toMatch(/image flushed at queue stop/);
       expect(dest!.output()).toMatch(/queue started|front-end connected/);
