@@ -114,7 +114,8 @@ echo "@@IOERRORS=$(dmesg | grep -ci 'I/O error')"
       devices: vhostUserBlkArgs(source.socket, { id: 'disk0', numQueues: 1 }),
       destDevices: vhostUserBlkArgs(dest.socket, { id: 'disk0', numQueues: 1 }),
       timeoutMs: GUEST_TIMEOUT,
-      script: migrationFioScript(30),
+      // 4 MiB regions: a round on the test cluster's one OSD takes seconds, not tens of them.
+      script: migrationFioScript(40, 4),
     });
     summary('rbd blk', res);
     expectMigrated(res);
