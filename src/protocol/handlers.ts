@@ -646,7 +646,7 @@ export class Handlers {
         if (this.io.closed) throw new ConnectionClosed();
         await this.device.stopQueue(v.index, v.report);
       }
-      this.log.debug({ queues: running.length }, 'device status 0: rings stopped');
+      this.log.debug({ queues: running.length }, 'rings stopped (device status 0 or reset)');
     })();
   }
 
@@ -668,16 +668,8 @@ export class Handlers {
       this.featuresSet = false;
       this.status = 0;
     };
-    const running = this.vrings.filter((v) => v.started);
-    if (!running.length) return finish();
-    return (async () => {
-      for (const v of running) {
-        await v.stop();
-        if (this.io.closed) throw new ConnectionClosed(); // close() finishes the teardown
-        await this.device.stopQueue(v.index, v.report);
-      }
-      finish();
-    })();
+    // A connection that closed while rings drained: close() finishes the teardown.
+    return then(this.stopAll(), finish);
   }
 
   /** The connection is gone: stop the rings, wait for I/O into guest memory, release everything. */
