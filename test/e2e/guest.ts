@@ -150,13 +150,16 @@ async function runProvision(): Promise<GuestKit> {
   };
 }
 
-/** QEMU arguments for a vhost-user-blk disk whose back-end listens on `socket`. */
-export function vhostUserBlkArgs(socket: string, opts: { id?: string; numQueues?: number; extra?: string } = {}): string[] {
+/**
+ * QEMU arguments for a vhost-user-blk disk on `socket`. `chardev` adds socket
+ * options: `reconnect=1` to survive a killed back-end, `server=on,wait=off` for client mode.
+ */
+export function vhostUserBlkArgs(socket: string, opts: { id?: string; numQueues?: number; extra?: string; chardev?: string } = {}): string[] {
   const id = opts.id ?? `blk${nextId++}`;
   const dev = [`vhost-user-blk-pci`, `chardev=${id}c`, `id=${id}`];
   if (opts.numQueues !== undefined) dev.push(`num-queues=${opts.numQueues}`);
   if (opts.extra) dev.push(opts.extra);
-  return ['-chardev', `socket,id=${id}c,path=${socket}`, '-device', dev.join(',')];
+  return ['-chardev', `socket,id=${id}c,path=${socket}${opts.chardev ? `,${opts.chardev}` : ''}`, '-device', dev.join(',')];
 }
 
 /** QEMU arguments for a virtio-net NIC backed by a vhost-user back-end on `socket`. */

@@ -90,7 +90,7 @@ echo "@@IOERRORS=$(dmesg | grep -ci 'I/O error')"
       const res = await runGuest({
         smp: 2,
         timeoutMs: GUEST_TIMEOUT,
-        devices: ['-chardev', `socket,id=c0,path=${sock},reconnect=1`, '-device', 'vhost-user-blk-pci,chardev=c0,num-queues=1'],
+        devices: vhostUserBlkArgs(sock, { numQueues: 1, chardev: 'reconnect=1' }),
         onMarker: (key) => {
           if (key === 'FIO_STARTED') killer ??= killLoop();
         },

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startVhostd, type Backend } from './daemons.js';
 import { expectCleanFio, fioVerifyScript } from './fio.js';
-import { provisionGuestKit, qemuAvailable, runGuest } from './guest.js';
+import { provisionGuestKit, qemuAvailable, runGuest, vhostUserBlkArgs } from './guest.js';
 
 const KILLS = Number(process.env.VHOSTD_KILLS ?? 10);
 const ROUNDS = 12;
@@ -56,10 +56,7 @@ run('vhostd blk survives SIGKILL with QEMU reconnecting', () => {
       const res = await runGuest({
         smp: 2,
         timeoutMs: GUEST_TIMEOUT,
-        devices: [
-          '-chardev', `socket,id=c0,path=${sock},reconnect=1`,
-          '-device', 'vhost-user-blk-pci,chardev=c0,num-queues=1',
-        ],
+        devices: vhostUserBlkArgs(sock, { numQueues: 1, chardev: 'reconnect=1' }),
         onMarker: (key) => {
           if (key === 'FIO_STARTED') killer ??= killLoop();
         },
@@ -119,10 +116,7 @@ run('vhostd blk --client reconnects to a QEMU server socket', () => {
       };
       const res = await runGuest({
         timeoutMs: GUEST_TIMEOUT,
-        devices: [
-          '-chardev', `socket,id=c0,path=${sock},server=on,wait=off`,
-          '-device', 'vhost-user-blk-pci,chardev=c0,num-queues=1',
-        ],
+        devices: vhostUserBlkArgs(sock, { numQueues: 1, chardev: 'server=on,wait=off' }),
         onMarker: (key) => {
           if (key === 'FIO_STARTED') killer ??= killLoop();
         },

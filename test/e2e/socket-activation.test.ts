@@ -16,7 +16,7 @@ import { native } from '../../src/native/index.js';
 import { listeningSocket, NotifySocket, runWithListenFd, waitForOutput, type Activated } from '../support/systemd.js';
 import { DAEMON } from './daemons.js';
 import { expectCleanFio, fioVerifyScript } from './fio.js';
-import { provisionGuestKit, qemuAvailable, runGuest } from './guest.js';
+import { provisionGuestKit, qemuAvailable, runGuest, vhostUserBlkArgs } from './guest.js';
 
 const KILLS = Number(process.env.VHOSTD_ACTIVATION_KILLS ?? 5);
 const ROUNDS = 8;
@@ -84,7 +84,7 @@ run('socket-activated vhostd blk under Restart=on-failure', () => {
       const res = await runGuest({
         smp: 2,
         timeoutMs: GUEST_TIMEOUT,
-        devices: ['-chardev', `socket,id=c0,path=${sock},reconnect=1`, '-device', 'vhost-user-blk-pci,chardev=c0,num-queues=1'],
+        devices: vhostUserBlkArgs(sock, { numQueues: 1, chardev: 'reconnect=1' }),
         onMarker: (key) => {
           if (key === 'FIO_STARTED') killer ??= killLoop();
         },
@@ -141,7 +141,7 @@ run('a guest boots against vhostd started by systemd-socket-activate', () => {
       const res = await runGuest({
         smp: 2,
         timeoutMs: 240_000,
-        devices: ['-chardev', `socket,id=c0,path=${sock}`, '-device', 'vhost-user-blk-pci,chardev=c0,num-queues=1'],
+        devices: vhostUserBlkArgs(sock, { numQueues: 1 }),
         onMarker: (key) => {
           if (key === 'WRITTEN') running = [...notify.lines()].reverse().find((l) => l.startsWith('STATUS='));
         },
