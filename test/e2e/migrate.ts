@@ -21,17 +21,15 @@ export function expectMigrated(r: MigrationResult): void {
   expect(ram['dirty-sync-count'], 'dirty bitmap syncs').toBeGreaterThan(1);
 }
 
-const migrationJob = (name: string, offsetMiB: number, seed: string, direct = 1, sizeMiB = 16): string =>
-  `fio --name=${name} --filename=/dev/vda --rw=randwrite --bs=4k --offset=${offsetMiB}M --size=${sizeMiB}M --ioengine=libaio --iodepth=8 --direct=${direct} ` +
-  `--verify=crc32c --randseed=${seed} --output-format=terse --terse-version=3${direct ? '' : ' --invalidate=0'}`;
-
 /**
  * Guest script for a migration: seed data written and verified, then @@MIGRATE,
  * then rounds of writes and verifies (and a re-verify of the seed through the
  * page cache) for `workS` seconds, on through the switch-over.
  */
 export function migrationFioScript(workS: number, sizeMiB = 16): string {
-  const job = (name: string, offsetMiB: number, seed: string, direct = 1): string => migrationJob(name, offsetMiB, seed, direct, sizeMiB);
+  const job = (name: string, offsetMiB: number, seed: string, direct = 1): string =>
+    `fio --name=${name} --filename=/dev/vda --rw=randwrite --bs=4k --offset=${offsetMiB}M --size=${sizeMiB}M --ioengine=libaio --iodepth=8 --direct=${direct} ` +
+    `--verify=crc32c --randseed=${seed} --output-format=terse --terse-version=3${direct ? '' : ' --invalidate=0'}`;
   return `
 # Data written before the migration, verified again in every round after it.
 ${job('seed', 0, '7')} --do_verify=0 > /tmp/s.txt 2>&1 || { cat /tmp/s.txt; exit 1; }
