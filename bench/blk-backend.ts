@@ -15,6 +15,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { launch, startVhostd, type Backend } from '../test/e2e/daemons.js';
 import { buildLoadgen, runLoadgen, type LoadgenResult, type Rw } from './blk-backend/loadgen.js';
+import { median } from './stats.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const RESULTS = join(ROOT, 'bench', 'results');
@@ -175,12 +176,6 @@ function runFio(image: string, qd: number): FioResult {
 }
 
 // ---- statistics and output ----
-
-const median = (xs: number[]): number => {
-  if (!xs.length) return NaN;
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
 
 interface Sample {
   round: number;

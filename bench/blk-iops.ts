@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { startStorageDaemon, startVhostd, type Backend } from '../test/e2e/daemons.js';
 import { provisionGuestKit, runGuest, vhostUserBlkArgs } from '../test/e2e/guest.js';
+import { median } from './stats.js';
 
 const { values } = parseArgs({
   options: {
@@ -74,10 +75,6 @@ async function main(): Promise<void> {
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
-  const median = (xs: number[]): number => {
-    const s = [...xs].sort((a, b) => a - b);
-    return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-  };
   const v = median(samples.filter((s) => s.backend === 'vhostd').map((s) => s.iops));
   const q = median(samples.filter((s) => s.backend === 'qsd').map((s) => s.iops));
   console.log(`\nfio ${values.rw} bs=${values.bs} iodepth=${values.iodepth}, ${values.seconds}s x ${rounds} rounds, guest under TCG`);

@@ -14,6 +14,7 @@ import { parseArgs } from 'node:util';
 import { startCluster } from '../test/support/ceph.js';
 import { launch, startVhostd, type Backend } from '../test/e2e/daemons.js';
 import { buildLoadgen, runLoadgen, type LoadgenResult, type Rw } from './blk-backend/loadgen.js';
+import { median } from './stats.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const { values } = parseArgs({ options: { rounds: { type: 'string', default: '3' }, seconds: { type: 'string', default: '5' } } });
@@ -26,11 +27,6 @@ const WORKLOADS: { name: string; rw: Rw; qd: number }[] = [
   { name: '4k-randwrite-qd1', rw: 'randwrite', qd: 1 },
   { name: '4k-randwrite-qd32', rw: 'randwrite', qd: 32 },
 ];
-
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length ? s[Math.floor(s.length / 2)]! : NaN;
-};
 
 async function main(): Promise<void> {
   buildLoadgen();

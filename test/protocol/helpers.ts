@@ -4,6 +4,7 @@ import { afterAll, afterEach, beforeAll, beforeEach } from 'vitest';
 import { startBackend, type Backend, type BackendKind, type BackendOptions } from './backends.js';
 import { Session } from '../driver/session.js';
 import type { RegionSpec } from '../driver/guest.js';
+export { waitFor } from '../support/wait.js';
 
 /** Open a session, run fn, and always release it; failures carry the wire trace and the back-end's log tail. */
 export async function withSession<T>(be: Backend, fn: (s: Session) => Promise<T>, layout?: RegionSpec[]): Promise<T> {
@@ -40,14 +41,6 @@ export function isZero(b: Uint8Array): boolean {
 }
 
 /** Poll a condition; fail with `what` after timeoutMs. */
-export async function waitFor(cond: () => boolean | Promise<boolean>, what: string, timeoutMs = 10_000, intervalMs = 1): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, intervalMs));
-  }
-}
-
 /**
  * One back-end for a describe block. A back-end that dies fails the test that
  * killed it (or the next one, if it died in between), and is replaced so
