@@ -9,6 +9,9 @@ const SUITE: { name: string; script: string; what: string }[] = [
   { name: 'bench:blk', script: 'blk-iops.ts', what: 'blk through a TCG guest (fio) vs qemu-storage-daemon' },
   { name: 'bench:net', script: 'net-throughput.ts', what: 'net through a TCG guest (iperf3) vs QEMU tap' },
   { name: 'bench:net-scaling', script: 'net-scaling.ts', what: 'net with one and two queue pairs, threads or not' },
+  { name: 'bench:net-pmd', script: 'net-pmd.ts', what: 'net alone (DPDK testpmd txonly) to a tap: packets a second and CPU per packet' },
+  { name: 'bench:blk-rbd', script: 'blk-rbd.ts', what: 'blk on Ceph RBD (C load generator) vs qemu-storage-daemon, and rbd bench' },
+  { name: 'bench:soak', script: 'soak.ts', what: 'memory and fds over 10 minutes of mixed blk + net load' },
 ];
 
 const only = process.argv.slice(2);

@@ -38,9 +38,11 @@ export async function startTestpmd(socket: string, mode: 'txonly' | 'rxonly'): P
     { stdio: ['pipe', 'pipe', 'pipe'] },
   );
   const record = remember(child, dirname(socket));
+  // Prompts and statistics are matched on stdout alone: its warnings on stderr can land in the middle of a prompt.
   let out = '';
+  let err = '';
   child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
-  child.stderr.setEncoding('utf8').on('data', (d: string) => (out += d));
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
   let exited = false;
   const closed = new Promise<void>((r) =>
     child.once('close', () => {
@@ -51,10 +53,10 @@ export async function startTestpmd(socket: string, mode: 'txonly' | 'rxonly'): P
   );
   const until = async (what: string, re: RegExp, from: number): Promise<RegExpMatchArray> => {
     await waitFor(`testpmd: ${what}`, () => re.test(out.slice(from)) || exited, 60_000).catch((e: Error) => {
-      throw new Error(`${e.message}; its output:\n${out.slice(-3000)}`);
+      throw new Error(`${e.message}; its output:\n${out.slice(-3000)}\nits stderr:\n${err.slice(-2000)}`);
     });
     const m = out.slice(from).match(re);
-    if (!m) throw new Error(`testpmd exited before ${what}:\n${out.slice(-3000)}`);
+    if (!m) throw new Error(`testpmd exited before ${what}:\n${out.slice(-3000)}\nits stderr:\n${err.slice(-2000)}`);
     return m;
   };
   const command = (line: string): number => {
