@@ -132,6 +132,7 @@ export class QueueExecutor {
     this.turnWork = 0;
     this.ring.takeWork();
   };
+  private readonly flushSoon = (): void => this.flushNotify();
   private runScheduled = false;
   private notifyPending = false;
   private notifyScheduled = false;
@@ -354,7 +355,8 @@ export class QueueExecutor {
   private withinBudget(): boolean {
     if (!this.turnOpen) {
       this.turnOpen = true;
-      setImmediate(this.endTurn);
+      // The turn is the callback that opened it: it ends when that callback returns.
+      queueMicrotask(this.endTurn);
     }
     this.turnWork += this.ring.takeWork();
     if (this.turnChains < RUN_BUDGET_CHAINS && this.turnWork < RUN_BUDGET_DESCRIPTORS) return true;
@@ -506,8 +508,10 @@ export class QueueExecutor {
   private completed(): void {
     this.notifyPending = true;
     if (!this.notifyScheduled) {
+      // One call for every completion of this callback (a run turn, a reap), sent
+      // as it returns: a setImmediate would cost the loop a check phase per I/O.
       this.notifyScheduled = true;
-      setImmediate(() => this.flushNotify());
+      queueMicrotask(this.flushSoon);
     }
     if (this.held === 0) this.resolveDrain();
     // Room again after the in-flight bound stopped us: go on.
