@@ -82,13 +82,12 @@ export interface Native {
   rbdClose(image: bigint): number;
   rbdGetSize(image: bigint): number;
   /**
-   * Start one asynchronous request (RBD_OP_*): the completion, or -errno. When
-   * it completes, its address is written (8 bytes) to fd. `iov` is the address of
-   * `iovcnt` struct iovec (readv, writev); `length` is for discard and write-zeroes.
+   * Start one asynchronous request (RBD_OP_*): 0, or -errno. When it completes,
+   * the completion is released and {tag (u32), result (i32: bytes or -errno)} is
+   * written (8 bytes) to fd. `iov` is the address of `iovcnt` struct iovec
+   * (readv, writev); `length` is for discard and write-zeroes.
    */
-  rbdAio(op: number, image: bigint, fd: number, iov: bigint, iovcnt: number, offset: number, length: number): bigint | number;
-  /** The completion's result (bytes, or -errno); releases it. */
-  rbdAioFinish(completion: bigint): number;
+  rbdAio(op: number, image: bigint, fd: number, tag: number, iov: number, iovcnt: number, offset: number, length: number): number;
   /** Write the eventfd whenever the image header changes: a watch handle, or -errno. */
   rbdUpdateWatch(image: bigint, eventfd: number): bigint | number;
   rbdUpdateUnwatch(image: bigint, watch: bigint): number;

@@ -2,10 +2,11 @@
 // call. The libraries are opened with dlopen at first use, so vhostd builds
 // and runs without Ceph installed and only --rbd needs librbd1.
 //
-// Asynchronous I/O completes on a librbd thread; its callback does one thing,
-// the write(2) of the completion's address into the fd the request named (a
-// pipe the queue's own event loop watches). TypeScript reads the addresses,
-// asks for each result and releases the completion.
+// Asynchronous I/O completes on a librbd thread. Its callback takes the
+// result, releases the completion (as QEMU's rbd driver does there) and writes
+// one 8-byte record, the request's tag and result, into the fd the request
+// named: a pipe the queue's own event loop watches. TypeScript reads records;
+// no completion pointer ever reaches it.
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -245,33 +246,42 @@ static napi_value js_rbd_get_size(napi_env env, napi_callback_info info) {
   return num(env, rc < 0 ? rc : (int64_t)size);
 }
 
+// The callback's argument carries both: the fd in the high half, the tag in the low.
 static void completed(rbd_completion_t c, void *arg) {
-  uint64_t p = (uint64_t)(uintptr_t)c;
+  uint64_t a = (uint64_t)(uintptr_t)arg;
+  ssize_t rc = L.rbd_aio_get_return_value(c);
+  L.rbd_aio_release(c);
+  // A request moves at most seg_max * size_max bytes (126 MiB), so the result fits.
+  int32_t rec[2] = {(int32_t)(uint32_t)a, rc > INT32_MAX ? INT32_MAX : rc < INT32_MIN ? INT32_MIN : (int32_t)rc};
   // An 8-byte write to a pipe is atomic; the reader is non-blocking and the
-  // pipe holds far more completions than a queue has in flight.
-  ssize_t n = write((int)(intptr_t)arg, &p, sizeof p);
+  // pipe holds far more records than a queue has in flight.
+  ssize_t n = write((int)(a >> 32), rec, sizeof rec);
   (void)n;
 }
 
 enum { OP_READV, OP_WRITEV, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES };
 
-// rbdAio(op, image, fd, iov, iovcnt, offset, length) -> completion (BigInt), or -errno.
+// rbdAio(op, image, fd, tag, iov, iovcnt, offset, length) -> 0, or -errno.
 // iov: the address of `iovcnt` struct iovec (readv/writev); length: discard and
-// write-zeroes. When it completes, the completion's address is written to fd.
+// write-zeroes. When it completes, {tag, result} (two int32) is written to fd.
 static napi_value js_rbd_aio(napi_env env, napi_callback_info info) {
-  napi_value argv[7];
+  napi_value argv[8];
   int32_t op, fd, iovcnt;
-  void *img, *iov;
-  uint64_t off, len;
-  if (args(env, info, 7, argv) || i32(env, argv[0], &op) || ptr(env, argv[1], &img) || i32(env, argv[2], &fd) ||
-      ptr(env, argv[3], &iov) || i32(env, argv[4], &iovcnt) || u64(env, argv[5], &off) || u64(env, argv[6], &len))
+  uint32_t tag;
+  void *img;
+  uint64_t iov, off, len;
+  if (args(env, info, 8, argv) || i32(env, argv[0], &op) || ptr(env, argv[1], &img) || i32(env, argv[2], &fd) ||
+      napi_get_value_uint32(env, argv[3], &tag) != napi_ok || u64(env, argv[4], &iov) || i32(env, argv[5], &iovcnt) ||
+      u64(env, argv[6], &off) || u64(env, argv[7], &len))
     return NULL;
+  if (fd < 0 || iovcnt < 0) return num(env, -EINVAL);
   rbd_completion_t c;
-  int rc = L.rbd_aio_create_completion((void *)(intptr_t)fd, completed, &c);
+  int rc = L.rbd_aio_create_completion((void *)(uintptr_t)((uint64_t)(uint32_t)fd << 32 | tag), completed, &c);
   if (rc < 0) return num(env, rc);
+  const struct iovec *v = (const struct iovec *)(uintptr_t)iov;
   switch (op) {
-    case OP_READV: rc = L.rbd_aio_readv(img, iov, iovcnt, off, c); break;
-    case OP_WRITEV: rc = L.rbd_aio_writev(img, iov, iovcnt, off, c); break;
+    case OP_READV: rc = L.rbd_aio_readv(img, v, iovcnt, off, c); break;
+    case OP_WRITEV: rc = L.rbd_aio_writev(img, v, iovcnt, off, c); break;
     case OP_FLUSH: rc = L.rbd_aio_flush(img, c); break;
     case OP_DISCARD: rc = L.rbd_aio_discard(img, off, len, c); break;
     case OP_WRITE_ZEROES: rc = L.rbd_aio_write_zeroes(img, off, (size_t)len, c, 0, 0); break;
@@ -281,17 +291,7 @@ static napi_value js_rbd_aio(napi_env env, napi_callback_info info) {
     L.rbd_aio_release(c);
     return num(env, rc);
   }
-  return handle(env, c);
-}
-
-// rbdAioFinish(completion) -> its return value (bytes or -errno); releases it.
-static napi_value js_rbd_aio_finish(napi_env env, napi_callback_info info) {
-  napi_value argv[1];
-  void *c;
-  if (args(env, info, 1, argv) || ptr(env, argv[0], &c)) return NULL;
-  ssize_t rc = L.rbd_aio_get_return_value(c);
-  L.rbd_aio_release(c);
-  return num(env, rc);
+  return num(env, 0);
 }
 
 static void updated(void *arg) {
@@ -331,7 +331,7 @@ void vhostd_register_rbd(napi_env env, napi_value exports) {
       {"rbdLoadError", js_rbd_load_error}, {"radosCreate", js_rados_create}, {"radosConfReadFile", js_rados_conf_read_file},
       {"radosConfSet", js_rados_conf_set}, {"radosConnect", js_rados_connect}, {"radosShutdown", js_rados_shutdown},
       {"radosIoctxCreate", js_rados_ioctx_create}, {"radosIoctxDestroy", js_rados_ioctx_destroy}, {"rbdOpen", js_rbd_open},
-      {"rbdClose", js_rbd_close}, {"rbdGetSize", js_rbd_get_size}, {"rbdAio", js_rbd_aio}, {"rbdAioFinish", js_rbd_aio_finish},
+      {"rbdClose", js_rbd_close}, {"rbdGetSize", js_rbd_get_size}, {"rbdAio", js_rbd_aio},
       {"rbdUpdateWatch", js_rbd_update_watch}, {"rbdUpdateUnwatch", js_rbd_update_unwatch},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {

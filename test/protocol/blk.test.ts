@@ -313,6 +313,10 @@ describe.each(VARIANTS)('vhost-user-blk protocol: %s', { timeout: 60_000 }, (_na
         expect((await b.read(CAPACITY, 512)).status).toBe(S.IOERR);
         expect((await b.read(0xffff_ffff_ffff_ffffn, 512)).status).toBe(S.IOERR);
         expect((await b.read(1n << 55n, 512)).status).toBe(S.IOERR);
+        // Sectors are checked as doubles: where they stop being exact, and where sector * 512 does.
+        for (const sector of [(1n << 53n) - 1n, 1n << 53n, (1n << 53n) + 1n, 1n << 44n, (1n << 32n) + BigInt(CAPACITY) - 1n]) {
+          expect((await b.read(sector, 512)).status, `sector ${sector}`).toBe(S.IOERR);
+        }
         expect((await b.write(CAPACITY - 1, randomBytes(1024))).status).toBe(S.IOERR);
         expect((await b.write(CAPACITY, randomBytes(512))).status).toBe(S.IOERR);
         expectBytes(be.readImage(IMAGE - 512, 512), last, 'last sector after failed writes');

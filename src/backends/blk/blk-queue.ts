@@ -81,7 +81,7 @@ class Request {
   /** Parsed discard/write-zeroes ranges: byte offset, byte length, unmap (0/1), three numbers each. */
   readonly rangeList = new Float64Array(BLK_MAX_DISCARD_SEG * 3);
   type = 0;
-  sector = 0n;
+  sector = 0;
   /** Discard/write-zeroes: segments parsed into segs, and the next one to run. */
   ranges = 0;
   nextRange = 0;
@@ -162,7 +162,7 @@ class BlkQueueServer implements QueueHandler {
   private ioDone(r: Request, err: Error | null): void {
     if (err) {
       r.q.n[BC.ioErrors]++;
-      r.q.exec.log.error({ queue: r.q.exec.index, type: r.type, sector: r.sector.toString(), err: err.message }, 'I/O error');
+      r.q.exec.log.error({ queue: r.q.exec.index, type: r.type, sector: r.sector, err: err.message }, 'I/O error');
       return this.finish(r, S_IOERR);
     }
     if (r.type === T_DISCARD || r.type === T_WRITE_ZEROES) return this.nextRange(r);
@@ -178,7 +178,7 @@ class BlkQueueServer implements QueueHandler {
     r.writer.reserveTail(1);
     if (!r.reader.read(r.hdr)) return this.fail(r, `request header of ${chain.readableBytes} bytes, needs ${REQ_HEADER_SIZE}`);
     const type = (r.type = r.hdrView.getUint32(0, true));
-    r.sector = r.hdrView.getBigUint64(8, true);
+    r.sector = sectorAt(r.hdrView, 8);
 
     switch (type) {
       case T_IN:
@@ -240,7 +240,7 @@ class BlkQueueServer implements QueueHandler {
     const allowed = r.type === T_WRITE_ZEROES ? WRITE_ZEROES_F_UNMAP : 0;
     let n = 0;
     for (let i = 0; i < count; i++) {
-      const sector = dv.getBigUint64(i * 16, true);
+      const sector = sectorAt(dv, i * 16);
       const sectors = dv.getUint32(i * 16 + 8, true);
       const flags = dv.getUint32(i * 16 + 12, true);
       if (sectors > BLK_MAX_DISCARD_SECTORS) return { reason: `segment of ${sectors} sectors exceeds ${BLK_MAX_DISCARD_SECTORS}`, status: S_IOERR };
@@ -266,12 +266,14 @@ class BlkQueueServer implements QueueHandler {
     else this.io.writeZeroes(l[i]!, l[i + 1]!, l[i + 2] !== 0, this.writeThrough, r.onIo);
   }
 
-  /** Byte offset of a request, or why it is out of bounds. */
-  private checkRange(sector: bigint, len: number): number | string {
+  /** Byte offset of a request, or why it is out of bounds (doubles throughout: no BigInt per request). */
+  private checkRange(sector: number, len: number): number | string {
     if (len % SECTOR) return `length ${len} is not a multiple of ${SECTOR}`;
-    const end = sector * BigInt(SECTOR) + BigInt(len);
-    if (end > BigInt(Math.floor(this.capacity[0]! / SECTOR) * SECTOR)) return `sector ${sector} + ${len} bytes is past the end of the disk`;
-    return Number(sector) * SECTOR;
+    const sectors = Math.floor(this.capacity[0]! / SECTOR);
+    if (sector > sectors || len / SECTOR > sectors - sector) {
+      return `sector ${sector < 2 ** 53 ? sector : 'beyond 2^53'} + ${len} bytes is past the end of the disk`;
+    }
+    return sector * SECTOR; // below the capacity in bytes, so exact
   }
 }
 
@@ -280,6 +282,11 @@ class BlkQueueServer implements QueueHandler {
  * the thread the runner lives on (the daemon's Image, or a queue thread's own
  * io_uring over the same descriptors).
  */
+/** A little-endian u64 sector number as a double: exact below 2^53, and past any disk above it. */
+function sectorAt(dv: DataView, at: number): number {
+  return dv.getUint32(at + 4, true) * 2 ** 32 + dv.getUint32(at, true);
+}
+
 export function blkRunner(ioFor: (setup: BlkSetup) => ImageIo): QueueRunner {
   return {
     start: (exec, setup) => new BlkQueueServer(exec, setup as BlkSetup, ioFor(setup as BlkSetup)),

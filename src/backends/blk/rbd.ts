@@ -1,7 +1,7 @@
 // A Ceph RBD image as a disk: librados/librbd through the native module
 // (rbd.c, opened with dlopen). Requests go to librbd asynchronously with the
 // guest's buffers as their iovecs, so data moves between RBD and guest memory
-// without a copy through JS; each completion's address comes back through a
+// without a copy through JS; each request's tag and result come back through a
 // pipe the calling thread's event loop watches, so nothing blocks a loop.
 import { constants as os } from 'node:os';
 import {
@@ -20,6 +20,7 @@ import {
   type WatchHandle,
 } from '../../native/index.js';
 import type { ImageFiles, ImageIo } from './image.js';
+import { hostAddress } from '../../ring/guest-memory.js';
 
 export interface RbdOptions {
   /** POOL/IMAGE (or POOL/NAMESPACE/IMAGE is not supported: one slash). */
@@ -153,28 +154,33 @@ export class RbdImage {
   }
 }
 
-interface Pending {
-  cb: (err: Error | null) => void;
-  /** Bytes a read must return. */
-  expect: number;
-  op: number;
-  iov: BigUint64Array;
-}
-
-const IOV_SLOTS = 130; // seg_max (126) plus header, status and slack
+/** iovecs a slot holds: seg_max (126) plus header, status and slack. A longer request brings its own. */
+const IOV_SLOTS = 130;
+const TWO32 = 2 ** 32;
 
 /**
- * One thread's I/O on a shared image handle: librbd writes each finished
- * completion's address into this thread's pipe, and reap() (called when the
- * pipe is readable, and by busy-polling) finishes them on this thread.
+ * One thread's I/O on a shared image handle. Each request in flight holds a
+ * numbered slot (its callback, what a read must return, and its iovec array,
+ * all reused); librbd writes {slot, result} into this thread's pipe, and reap()
+ * (called when the pipe is readable, and by busy-polling) finishes them here.
+ * Nothing per request is allocated once the slots exist.
  */
 export class RbdIo implements ImageIo {
   private readonly rfd: number;
   private readonly wfd: number;
   private readonly watchHandle: WatchHandle;
-  private readonly pending = new Map<bigint, Pending>();
-  private readonly freeIov: BigUint64Array[] = [];
-  private readonly done = new BigUint64Array(256);
+  private readonly cbs: (((err: Error | null) => void) | undefined)[] = [];
+  private readonly expect: number[] = [];
+  private readonly ops: number[] = [];
+  /** Per slot: struct iovec words (base lo, base hi, len lo, len hi), and where they live. */
+  private readonly iovWords: Uint32Array[] = [];
+  private readonly iovAddr: number[] = [];
+  private readonly oversized: (Uint32Array | undefined)[] = [];
+  private readonly freeSlots: number[] = [];
+  private busy = 0;
+  /** Records read from the pipe: slot (u32), result (i32). */
+  private readonly done = new Int32Array(2 * 512);
+  private readonly doneSlots = new Uint32Array(this.done.buffer);
   private closed = false;
 
   constructor(private readonly image: bigint) {
@@ -183,24 +189,51 @@ export class RbdIo implements ImageIo {
   }
 
   get inFlight(): number {
-    return this.pending.size;
+    return this.busy;
+  }
+
+  private slot(): number {
+    const free = this.freeSlots.pop();
+    if (free !== undefined) return free;
+    const words = new Uint32Array(4 * IOV_SLOTS);
+    this.iovWords.push(words);
+    this.iovAddr.push(Number(native.address(words)));
+    this.cbs.push(undefined);
+    this.expect.push(-1);
+    this.ops.push(0);
+    this.oversized.push(undefined);
+    return this.iovWords.length - 1;
   }
 
   private start(op: number, offset: number, iov: Uint8Array[] | undefined, length: number, expect: number, cb: (err: Error | null) => void): void {
-    let vec = this.freeIov.pop() ?? new BigUint64Array(2 * IOV_SLOTS);
+    const slot = this.slot();
     const n = iov?.length ?? 0;
-    if (2 * n > vec.length) vec = new BigUint64Array(2 * n);
-    for (let i = 0; i < n; i++) {
-      vec[2 * i] = native.address(iov![i]!);
-      vec[2 * i + 1] = BigInt(iov![i]!.byteLength);
+    let words = this.iovWords[slot]!;
+    let at = this.iovAddr[slot]!;
+    if (4 * n > words.length) {
+      // More views than a slot holds (descriptors split at region or window edges): a one-off array, kept until completion.
+      words = this.oversized[slot] = new Uint32Array(4 * n);
+      at = Number(native.address(words));
     }
-    const c = native.rbdAio(op, this.image, this.wfd, native.address(vec), n, offset, length);
-    if (typeof c === 'number') {
-      this.freeIov.push(vec);
-      const err = new Error(`rbd request failed to start: ${errnoName(-c)}`);
+    for (let i = 0; i < n; i++) {
+      const v = iov![i]!;
+      const addr = hostAddress(v) ?? Number(native.address(v));
+      words[4 * i] = addr % TWO32;
+      words[4 * i + 1] = Math.floor(addr / TWO32);
+      words[4 * i + 2] = v.byteLength;
+      words[4 * i + 3] = 0;
+    }
+    const rc = native.rbdAio(op, this.image, this.wfd, slot, n ? at : 0, n, offset, length);
+    if (rc < 0) {
+      this.oversized[slot] = undefined;
+      this.freeSlots.push(slot);
+      const err = new Error(`rbd request failed to start: ${errnoName(-rc)}`);
       return queueMicrotask(() => cb(err));
     }
-    this.pending.set(c, { cb, expect, op, iov: vec });
+    this.cbs[slot] = cb;
+    this.expect[slot] = expect;
+    this.ops[slot] = op;
+    this.busy++;
   }
 
   read(position: number, iov: Uint8Array[], cb: (err: Error | null) => void): void {
@@ -226,24 +259,27 @@ export class RbdIo implements ImageIo {
     this.start(RBD_OP_WRITE_ZEROES, offset, undefined, length, -1, durable ? (e) => (e ? cb(e) : this.flush(cb)) : cb);
   }
 
-  /** Finish every completion librbd reported so far. */
+  /** Finish every request librbd reported so far. */
   reap(): void {
     if (this.closed) return;
     for (;;) {
       const n = native.read(this.rfd, this.done);
       if (n === -EAGAIN || n <= 0) return;
       for (let i = 0; i < n / 8; i++) {
-        const c = this.done[i]!;
-        const p = this.pending.get(c);
-        const rc = native.rbdAioFinish(c);
-        if (!p) continue;
-        this.pending.delete(c);
-        this.freeIov.push(p.iov);
+        const slot = this.doneSlots[2 * i]!;
+        const rc = this.done[2 * i + 1]!;
+        const cb = this.cbs[slot];
+        if (!cb) continue; // not ours: nothing to finish
+        this.cbs[slot] = undefined;
+        this.oversized[slot] = undefined;
+        this.freeSlots.push(slot);
+        this.busy--;
+        const expect = this.expect[slot]!;
         const err =
-          rc < 0 ? new Error(`rbd ${OP_NAMES[p.op]} failed: ${errnoName(-rc)}`)
-          : p.expect >= 0 && rc !== p.expect ? new Error(`rbd read returned ${rc} of ${p.expect} bytes`)
+          rc < 0 ? new Error(`rbd ${OP_NAMES[this.ops[slot]!]} failed: ${errnoName(-rc)}`)
+          : expect >= 0 && rc !== expect ? new Error(`rbd read returned ${rc} of ${expect} bytes`)
           : null;
-        p.cb(err);
+        cb(err);
       }
       if (n < this.done.byteLength) return;
     }
