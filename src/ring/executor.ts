@@ -21,6 +21,7 @@ import { RingError, type Ring } from './ring.js';
 
 export { RingError };
 import { SplitRing, type RingAddresses } from './split-ring.js';
+import { microtask } from '../microtask.js';
 
 /**
  * What a device may do with a chain the ring layer found malformed:
@@ -356,7 +357,7 @@ export class QueueExecutor {
     if (!this.turnOpen) {
       this.turnOpen = true;
       // The turn is the callback that opened it: it ends when that callback returns.
-      queueMicrotask(this.endTurn);
+      microtask(this.endTurn);
     }
     this.turnWork += this.ring.takeWork();
     if (this.turnChains < RUN_BUDGET_CHAINS && this.turnWork < RUN_BUDGET_DESCRIPTORS) return true;
@@ -511,7 +512,7 @@ export class QueueExecutor {
       // One call for every completion of this callback (a run turn, a reap), sent
       // as it returns: a setImmediate would cost the loop a check phase per I/O.
       this.notifyScheduled = true;
-      queueMicrotask(this.flushSoon);
+      microtask(this.flushSoon);
     }
     if (this.held === 0) this.resolveDrain();
     // Room again after the in-flight bound stopped us: go on.

@@ -6,6 +6,7 @@ import { closeSync, constants, fdatasync, fstatSync, openSync, readv, writev, ty
 import { IoUring } from './io-uring.js';
 import { threadRbdIo } from './rbd.js';
 import { native, EOPNOTSUPP, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../../native/index.js';
+import { microtask } from '../../microtask.js';
 
 /** O_DIRECT needs memory, offset and length aligned; 4 KiB satisfies every device we meet. */
 export const DIRECT_ALIGN = 4096;
@@ -304,7 +305,7 @@ type VectorIo = (fd: number, buffers: Uint8Array[], position: number, cb: (err: 
 /** readv/writev until every byte moved; a short transfer that makes no progress is an error. */
 function transfer(op: VectorIo, fd: number, position: number, iov: Uint8Array[], cb: (err: Error | null) => void): void {
   const total = iov.reduce((n, v) => n + v.byteLength, 0);
-  if (total === 0) return queueMicrotask(() => cb(null));
+  if (total === 0) return microtask(() => cb(null));
   let done = 0;
   let cur = iov;
   const step = (): void => {

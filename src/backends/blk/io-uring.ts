@@ -12,6 +12,7 @@
 import { native, POLL_READABLE, PROT_READ, PROT_WRITE, EFD_CLOEXEC, EFD_NONBLOCK, EINTR, type WatchHandle } from '../../native/index.js';
 import { MAX_CHAIN_SEGMENTS } from '../../limits.js';
 import { hostAddress } from '../../ring/guest-memory.js';
+import { microtask } from '../../microtask.js';
 
 const PARAMS_BYTES = 120;
 const SQE_BYTES = 64;
@@ -250,7 +251,7 @@ export class IoUring {
     Atomics.store(this.sqTail, 0, this.tail);
     if (!this.flushQueued) {
       this.flushQueued = true;
-      queueMicrotask(this.flushSoon);
+      microtask(this.flushSoon);
     }
   }
 
@@ -315,7 +316,7 @@ export class IoUring {
     const head = Atomics.load(this.sqHead, 0);
     for (let t = head; t !== this.tail; t = (t + 1) >>> 0) {
       const slot = this.sqes[(t & this.sqMask) * (SQE_BYTES / 4) + 8]!;
-      queueMicrotask(() => this.finish(slot, rc));
+      microtask(() => this.finish(slot, rc));
     }
     this.tail = head;
     Atomics.store(this.sqTail, 0, head);

@@ -21,6 +21,7 @@ import {
 } from '../../native/index.js';
 import type { ImageFiles, ImageIo } from './image.js';
 import { hostAddress } from '../../ring/guest-memory.js';
+import { microtask } from '../../microtask.js';
 
 export interface RbdOptions {
   /** POOL/IMAGE (or POOL/NAMESPACE/IMAGE is not supported: one slash). */
@@ -228,7 +229,7 @@ export class RbdIo implements ImageIo {
       this.oversized[slot] = undefined;
       this.freeSlots.push(slot);
       const err = new Error(`rbd request failed to start: ${errnoName(-rc)}`);
-      return queueMicrotask(() => cb(err));
+      return microtask(() => cb(err));
     }
     this.cbs[slot] = cb;
     this.expect[slot] = expect;
