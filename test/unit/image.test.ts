@@ -1,6 +1,6 @@
 // Image's fallocate paths and the native fallocateAsync they run on: results
 // arrive through the callback on the calling thread's loop, main or worker.
-import { closeSync, mkdtempSync, openSync, readFileSync, readlinkSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync, readlinkSync, readdirSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -138,5 +138,40 @@ describe('Image fallocate paths', () => {
     const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 60_000 });
     expect(r.stderr).toBe('');
     expect(r.stdout.trim()).toBe('survived');
+  });
+});
+
+describe('Image: whether io_uring may serve a request inline', () => {
+  it('not on tmpfs (no RWF_NOWAIT there), but on a file system that has it and on a block device', () => {
+    const shm = mkdtempSync('/dev/shm/vhostd-nowait-');
+    const disk = mkdtempSync('/var/tmp/vhostd-nowait-');
+    try {
+      for (const [dir, nowait] of [[shm, false], [disk, statfsSync(disk).type !== 0x01021994]] as const) {
+        writeFileSync(join(dir, 'd.img'), Buffer.alloc(64 * KiB));
+        const img = new Image({ path: join(dir, 'd.img'), readonly: true, direct: false });
+        try {
+          expect(img.files.nowait, dir).toBe(nowait);
+        } finally {
+          img.close();
+        }
+      }
+      // A block device's node lives on devtmpfs; its I/O does not.
+      const loop = spawnSync('losetup', ['--find', '--show', join(disk, 'd.img')], { encoding: 'utf8' });
+      if (loop.status === 0) {
+        const dev = loop.stdout.trim();
+        try {
+          const img = new Image({ path: dev, readonly: true, direct: false });
+          expect(img.files.nowait).toBe(true);
+          img.close();
+        } finally {
+          spawnSync('losetup', ['-d', dev]);
+        }
+      } else if (process.env.CI === 'true') {
+        throw new Error(`losetup failed: ${loop.stderr}`);
+      }
+    } finally {
+      rmSync(shm, { recursive: true, force: true });
+      rmSync(disk, { recursive: true, force: true });
+    }
   });
 });

@@ -37,10 +37,10 @@ describe('IoUring', () => {
       const a = new Uint8Array(1000);
       const b = new Uint8Array(24);
       const c = new Uint8Array(3000);
-      expect(await run((cb) => u.readv(f.fd, 4096, [a, b, c], cb))).toBeNull();
+      expect(await run((cb) => u.readv(f.fd, 4096, [a, b, c], false, cb))).toBeNull();
       expect(Buffer.concat([a, b, c])).toEqual(Buffer.from(data.subarray(4096, 4096 + 4024)));
       const w = [new Uint8Array(512).fill(1), new Uint8Array(100).fill(2)];
-      expect(await run((cb) => u.writev(f.fd, 10_000, w, true, cb))).toBeNull();
+      expect(await run((cb) => u.writev(f.fd, 10_000, w, true, false, cb))).toBeNull();
       expect(await run((cb) => u.fdatasync(f.fd, cb))).toBeNull();
       const back = readFileSync(f.path);
       expect(back.subarray(10_000, 10_512).every((x) => x === 1)).toBe(true);
@@ -58,7 +58,7 @@ describe('IoUring', () => {
     const u = open();
     try {
       const buf = new Uint8Array(4096);
-      const err = await run((cb) => u.readv(f.fd, 4096, [buf], cb));
+      const err = await run((cb) => u.readv(f.fd, 4096, [buf], false, cb));
       expect(err?.message).toMatch(/short read at byte 6000/);
       // It went on after the first short piece: what exists was read.
       expect(buf.subarray(0, 1904).every((x) => x === 5)).toBe(true);
@@ -71,7 +71,7 @@ describe('IoUring', () => {
   it('reports the errno of a failed request', async () => {
     const u = open();
     try {
-      const err = (await run((cb) => u.readv(987_654, 0, [new Uint8Array(512)], cb))) as NodeJS.ErrnoException;
+      const err = (await run((cb) => u.readv(987_654, 0, [new Uint8Array(512)], false, cb))) as NodeJS.ErrnoException;
       expect(err.errno).toBe(9); // EBADF
       expect(err.message).toMatch(/read failed: errno 9/);
     } finally {
@@ -87,7 +87,7 @@ describe('IoUring', () => {
       let accepted = 0;
       for (let i = 0; i < 100; i++) {
         const p = new Promise<Error | null>((resolve) => {
-          if (u.readv(f.fd, i * 4096, [new Uint8Array(4096)], resolve)) accepted++;
+          if (u.readv(f.fd, i * 4096, [new Uint8Array(4096)], false, resolve)) accepted++;
           else resolve(new Error('refused'));
         });
         pending.push(p);
@@ -97,33 +97,35 @@ describe('IoUring', () => {
       const results = await Promise.all(pending);
       expect(results.filter((r) => r === null).length).toBe(8);
       expect(u.full).toBe(false);
-      expect(await run((cb) => u.readv(f.fd, 0, [new Uint8Array(4096)], cb))).toBeNull();
+      expect(await run((cb) => u.readv(f.fd, 0, [new Uint8Array(4096)], false, cb))).toBeNull();
     } finally {
       u.close();
       closeSync(f.fd);
     }
   });
 
-  it('batches what one turn of the loop queues into one submission', async () => {
-    const f = file(new Uint8Array(1 << 20));
-    const u = open();
-    try {
-      const before = u.submits;
-      const all = Array.from({ length: 32 }, (_, i) => run((cb) => u.readv(f.fd, i * 4096, [new Uint8Array(4096)], cb)));
-      expect((await Promise.all(all)).every((e) => e === null)).toBe(true);
-      expect(u.submits - before).toBe(1);
-      expect(u.submitted).toBeGreaterThanOrEqual(32);
-    } finally {
-      u.close();
-      closeSync(f.fd);
-    }
-  });
+  for (const inline of [false, true]) {
+    it(`batches what one turn of the loop queues into one submission (${inline ? 'every SQE inline' : 'past the first, io-wq'})`, async () => {
+      const f = file(new Uint8Array(1 << 20));
+      const u = open();
+      try {
+        const before = u.submits;
+        const all = Array.from({ length: 32 }, (_, i) => run((cb) => u.readv(f.fd, i * 4096, [new Uint8Array(4096)], inline, cb)));
+        expect((await Promise.all(all)).every((e) => e === null)).toBe(true);
+        expect(u.submits - before).toBe(1);
+        expect(u.submitted).toBeGreaterThanOrEqual(32);
+      } finally {
+        u.close();
+        closeSync(f.fd);
+      }
+    });
+  }
 
   it('close fails what is still queued, exactly once each', async () => {
     const f = file(new Uint8Array(1 << 16));
     const u = open();
     const results: (Error | null)[] = [];
-    for (let i = 0; i < 4; i++) u.readv(f.fd, 0, [new Uint8Array(4096)], (e) => results.push(e));
+    for (let i = 0; i < 4; i++) u.readv(f.fd, 0, [new Uint8Array(4096)], false, (e) => results.push(e));
     u.close();
     await new Promise((r) => setImmediate(r));
     expect(results.length).toBe(4);

@@ -2,11 +2,14 @@
 // vectored I/O straight between the file and guest memory views: through
 // io_uring when the kernel allows it, else readv/writev on libuv's pool. An
 // RBD image (rbd.ts) serves the same interfaces.
-import { closeSync, constants, fdatasync, fstatSync, openSync, readv, writev, type Stats } from 'node:fs';
+import { closeSync, constants, fdatasync, fstatSync, openSync, readv, statfsSync, writev, type Stats } from 'node:fs';
 import { IoUring } from './io-uring.js';
 import { threadRbdIo } from './rbd.js';
 import { native, EOPNOTSUPP, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../../native/index.js';
 import { microtask } from '../../microtask.js';
+
+/** statfs f_type of tmpfs (and of /dev/shm). */
+const TMPFS_MAGIC = 0x01021994;
 
 /** O_DIRECT needs memory, offset and length aligned; 4 KiB satisfies every device we meet. */
 export const DIRECT_ALIGN = 4096;
@@ -40,6 +43,11 @@ export interface ImageFiles {
   /** O_DSYNC fd for write-through on the thread pool (io_uring uses RWF_DSYNC instead). */
   dsyncFd: number;
   aio: 'io_uring' | 'threads' | 'rbd';
+  /**
+   * The file system serves cached I/O without blocking (RWF_NOWAIT), so io_uring
+   * completes it inside the submitting call: false on tmpfs.
+   */
+  nowait: boolean;
   /** The librbd image handle when the disk is an RBD image (the fds are -1 then). */
   rbd?: bigint;
 }
@@ -100,14 +108,14 @@ export class FileIo implements ImageIo {
 
   read(position: number, iov: Uint8Array[], cb: (err: Error | null) => void): void {
     const fd = this.fdFor(position, iov, false);
-    if (!this.uring?.readv(fd, position, iov, cb)) transfer(readv, fd, position, iov, cb);
+    if (!this.uring?.readv(fd, position, iov, this.files.nowait, cb)) transfer(readv, fd, position, iov, cb);
   }
 
   /** Write; `durable` means the data is on stable storage when cb runs. */
   write(position: number, iov: Uint8Array[], durable: boolean, cb: (err: Error | null) => void): void {
     if (this.uring && !this.uring.full) {
       // RWF_DSYNC does per write what the O_DSYNC fd does.
-      this.uring.writev(this.fdFor(position, iov, false), position, iov, durable, cb);
+      this.uring.writev(this.fdFor(position, iov, false), position, iov, durable, this.files.nowait, cb);
       return;
     }
     transfer(writev, this.fdFor(position, iov, durable), position, iov, cb);
@@ -231,7 +239,9 @@ export class Image implements DiskImage {
     }
     if (typeof ring === 'string') this.aioNote = ring;
     else this.uring = ring;
-    this.files = { path: opts.path, size, readonly: opts.readonly, fd, directFd, dsyncFd, aio: this.uring ? 'io_uring' : 'threads' };
+    // A block device node lives on devtmpfs, but its I/O goes to the device, which has RWF_NOWAIT.
+    const nowait = st.isBlockDevice() || statfsSync(opts.path).type !== TMPFS_MAGIC;
+    this.files = { path: opts.path, size, readonly: opts.readonly, fd, directFd, dsyncFd, aio: this.uring ? 'io_uring' : 'threads', nowait };
     this.io = new FileIo(this.files, this.uring);
   }
 

@@ -91,7 +91,7 @@ export class RbdImage {
     this.cluster = cluster;
     this.ioctx = ioctx;
     const size = native.rbdGetSize(this.image);
-    this.files = { path: `rbd:${opts.spec}`, size, readonly: opts.readonly, fd: -1, directFd: -1, dsyncFd: -1, aio: 'rbd', rbd: this.image };
+    this.files = { path: `rbd:${opts.spec}`, size, readonly: opts.readonly, fd: -1, directFd: -1, dsyncFd: -1, aio: 'rbd', nowait: false, rbd: this.image };
     this.io = new RbdIo(this.image);
   }
 
