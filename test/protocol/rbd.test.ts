@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes, S, SECTOR, T } from '../driver/blk.js';
 import type { Session } from '../driver/session.js';
 import { startCluster, type Cluster } from '../support/ceph.js';
+import { RbdImage } from '../../src/backends/blk/rbd.js';
 import { VHOSTD_BIN } from '../support/children.js';
 import { availableKinds, startBackend, type Backend } from './backends.js';
 import { expectBytes, isZero, waitFor, withSession } from './helpers.js';
@@ -134,5 +135,32 @@ describe('blk on an RBD image', { timeout: 180_000 }, () => {
     expect(r.code).toBe(2);
     expect(r.out).toMatch(/no answer from the Ceph monitors within 3 s|cannot connect to the Ceph cluster/);
     expect(r.ms, 'start-up gave up in time').toBeLessThan(20_000);
+  });
+
+  it('RbdIo in-process: a request with more views than a slot holds (300), and slots reused across 256 requests, all in flight at once', async () => {
+    const spec = await cluster.createImage('slots', IMAGE);
+    const img = new RbdImage({ spec, conf: cluster.conf, readonly: false, timeoutS: 30 });
+    const call = (fn: (cb: (err: Error | null) => void) => void): Promise<Error | null> => new Promise((r) => fn(r));
+    try {
+      const data = randomBytes(300 * SECTOR);
+      const views = (buf: Uint8Array): Uint8Array[] => Array.from({ length: 300 }, (_, i) => buf.subarray(i * SECTOR, (i + 1) * SECTOR));
+      expect(await call((cb) => img.io.write(MiB, views(data), true, cb))).toBeNull();
+      const back = new Uint8Array(data.length);
+      expect(await call((cb) => img.io.read(MiB, views(back), cb))).toBeNull();
+      expectBytes(back, data, '300 views read back');
+      // 256 at once: more than one batch of records through the pipe, and every slot used twice.
+      for (let round = 0; round < 2; round++) {
+        const bufs = Array.from({ length: 256 }, () => new Uint8Array(4096));
+        const errs = await Promise.all(bufs.map((b, i) => call((cb) => img.io.read(i * 4096, [b], cb))));
+        expect(errs.every((e) => e === null)).toBe(true);
+        expect(img.io.inFlight).toBe(0);
+        expect(bufs.every((b) => isZero(b)), 'never-written blocks read as zeros').toBe(true);
+      }
+      const small = new Uint8Array(300 * SECTOR);
+      expect(await call((cb) => img.io.read(MiB, [small], cb))).toBeNull();
+      expectBytes(small, data, 'one view over the same bytes');
+    } finally {
+      img.close();
+    }
   });
 });
