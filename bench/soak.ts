@@ -43,17 +43,18 @@ const BLK_PHASES: { rw: Rw; bs: number; qd: number; queues: number }[] = [
   { rw: 'randread', bs: 4096, qd: 1, queues: 1 },
 ];
 
-function rssKiB(pid: number): number {
-  const m = readFileSync(`/proc/${pid}/status`, 'utf8').match(/^VmRSS:\s+(\d+) kB/m);
-  if (!m) throw new Error(`no VmRSS for ${pid}`);
+/** A "Key:   N kB" field of a /proc file; throws when it is missing. */
+function kib(text: string, key: string, pid: number): number {
+  const m = text.match(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm'));
+  if (!m) throw new Error(`no ${key} for ${pid}`);
   return Number(m[1]);
 }
+const rssKiB = (pid: number): number => kib(readFileSync(`/proc/${pid}/status`, 'utf8'), 'VmRSS', pid);
 /** Idle memory three ways: RSS counts the node binary's pages every node process shares; anon and PSS do not. */
 function memory(pid: number): { rssMiB: number; anonMiB: number; pssMiB: number } {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
   const rollup = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
-  const kib = (text: string, key: string): number => Number(text.match(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm'))?.[1] ?? NaN);
-  return { rssMiB: kib(status, 'VmRSS') / 1024, anonMiB: kib(status, 'RssAnon') / 1024, pssMiB: kib(rollup, 'Pss') / 1024 };
+  return { rssMiB: kib(status, 'VmRSS', pid) / 1024, anonMiB: kib(status, 'RssAnon', pid) / 1024, pssMiB: kib(rollup, 'Pss', pid) / 1024 };
 }
 const fds = (pid: number): number => readdirSync(`/proc/${pid}/fd`).length;
 

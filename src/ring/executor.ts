@@ -121,14 +121,10 @@ export class QueueExecutor {
   private throttled = false;
   private drainWaiters: (() => void)[] = [];
 
-  // This event-loop turn's work, reset by an immediate queued at the first.
+  // This turn's work: a turn is the callback that opened it, and a microtask queued at its first work ends it.
   private turnChains = 0;
   private turnOpen = false;
-  /**
-   * performance.now() as first read in this turn: chains taken in one turn share
-   * it, and one completed in the turn that took it counts zero time (net's
-   * whole life), so a packet costs no clock read at all.
-   */
+  /** performance.now() as first read in this turn (see clock()); -1 before. */
   private turnClock = -1;
   private budgetHit = false;
   /** Descriptors resolved this turn. */
@@ -462,19 +458,29 @@ export class QueueExecutor {
     c[RC.chains]++;
     if (chain.fault) c[RC.faults]++;
     if (++c[RC.inflight]! > c[RC.inflightPeak]!) c[RC.inflightPeak] = c[RC.inflight]!;
-    this.takenAt[chain.head] = this.turnClock >= 0 ? this.turnClock : (this.turnClock = performance.now());
+    this.takenAt[chain.head] = this.clock();
     this.held++;
     this.heldSegments += chain.count;
     this.heldBytes += chain.readableBytes + chain.writableBytes;
     this.turnChains++;
   }
 
+  /**
+   * The time for the latency histogram. Inside a turn, one reading serves every
+   * chain taken or completed in it, so a chain completed in the turn that took it
+   * counts zero time (net's whole life) and a packet costs no clock read; outside
+   * a turn (a reap of async completions) each call reads the clock.
+   */
+  private clock(): number {
+    if (!this.turnOpen) return performance.now();
+    return this.turnClock >= 0 ? this.turnClock : (this.turnClock = performance.now());
+  }
+
   private release(chain: DescriptorChain): void {
     const c = this.c;
     c[RC.completed]++;
     c[RC.inflight]--;
-    const now = this.turnOpen && this.turnClock >= 0 ? this.turnClock : performance.now();
-    c[RC.latency + latencyBucket(1000 * (now - this.takenAt[chain.head]!))]++;
+    c[RC.latency + latencyBucket(1000 * (this.clock() - this.takenAt[chain.head]!))]++;
     this.held--;
     this.heldSegments -= chain.count;
     this.heldBytes -= chain.readableBytes + chain.writableBytes;

@@ -277,16 +277,16 @@ class BlkQueueServer implements QueueHandler {
   }
 }
 
-/**
- * The blk runner: a server per started queue. `ioFor` gives the image I/O of
- * the thread the runner lives on (the daemon's Image, or a queue thread's own
- * io_uring over the same descriptors).
- */
 /** A little-endian u64 sector number as a double: exact below 2^53, and past any disk above it. */
 function sectorAt(dv: DataView, at: number): number {
   return dv.getUint32(at + 4, true) * 2 ** 32 + dv.getUint32(at, true);
 }
 
+/**
+ * The blk runner: a server per started queue. `ioFor` gives the image I/O of
+ * the thread the runner lives on (the daemon's Image, or a queue thread's own
+ * io_uring over the same descriptors).
+ */
 export function blkRunner(ioFor: (setup: BlkSetup) => ImageIo): QueueRunner {
   return {
     start: (exec, setup) => new BlkQueueServer(exec, setup as BlkSetup, ioFor(setup as BlkSetup)),

@@ -11,7 +11,7 @@
 // watches. Nothing here blocks: io_uring_enter never waits for I/O.
 import { native, POLL_READABLE, PROT_READ, PROT_WRITE, EFD_CLOEXEC, EFD_NONBLOCK, EINTR, type WatchHandle } from '../../native/index.js';
 import { MAX_CHAIN_SEGMENTS } from '../../limits.js';
-import { hostAddress } from '../../ring/guest-memory.js';
+import { putIovec } from './iovec.js';
 import { microtask } from '../../microtask.js';
 
 const PARAMS_BYTES = 120;
@@ -196,8 +196,10 @@ export class IoUring {
     return this.free.length === 0 || this.closed;
   }
 
-  /** Read iov.length views from fd at position; false (nothing queued) when the ring is full. */
-  /** `inline`: the file system serves cached reads without blocking (see INLINE_PER_BATCH). */
+  /**
+   * Read iov.length views from fd at position; false (nothing queued) when the ring is full.
+   * `inline`: the file system serves cached I/O without blocking (see INLINE_PER_BATCH).
+   */
   readv(fd: number, position: number, iov: readonly Uint8Array[], inline: boolean, cb: IoDone): boolean {
     return this.start(OP_READV, fd, position, iov, false, inline, cb);
   }
@@ -275,12 +277,7 @@ export class IoUring {
         skip -= v.byteLength;
         continue;
       }
-      const addr = (hostAddress(v) ?? Number(native.address(v))) + skip;
-      const k = 4 * (this.iovUsed + n);
-      words[k] = addr % TWO32;
-      words[k + 1] = Math.floor(addr / TWO32);
-      words[k + 2] = v.byteLength - skip;
-      words[k + 3] = 0;
+      putIovec(words, this.iovUsed + n, v, skip);
       skip = 0;
       n++;
     }

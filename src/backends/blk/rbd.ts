@@ -20,7 +20,7 @@ import {
   type WatchHandle,
 } from '../../native/index.js';
 import type { ImageFiles, ImageIo } from './image.js';
-import { hostAddress } from '../../ring/guest-memory.js';
+import { putIovec } from './iovec.js';
 import { microtask } from '../../microtask.js';
 
 export interface RbdOptions {
@@ -157,7 +157,6 @@ export class RbdImage {
 
 /** iovecs a slot holds: seg_max (126) plus header, status and slack. A longer request brings its own. */
 const IOV_SLOTS = 130;
-const TWO32 = 2 ** 32;
 
 /**
  * One thread's I/O on a shared image handle. Each request in flight holds a
@@ -216,14 +215,7 @@ export class RbdIo implements ImageIo {
       words = this.oversized[slot] = new Uint32Array(4 * n);
       at = Number(native.address(words));
     }
-    for (let i = 0; i < n; i++) {
-      const v = iov![i]!;
-      const addr = hostAddress(v) ?? Number(native.address(v));
-      words[4 * i] = addr % TWO32;
-      words[4 * i + 1] = Math.floor(addr / TWO32);
-      words[4 * i + 2] = v.byteLength;
-      words[4 * i + 3] = 0;
-    }
+    for (let i = 0; i < n; i++) putIovec(words, i, iov![i]!, 0);
     const rc = native.rbdAio(op, this.image, this.wfd, slot, n ? at : 0, n, offset, length);
     if (rc < 0) {
       this.oversized[slot] = undefined;
