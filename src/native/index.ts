@@ -116,6 +116,9 @@ export const F_GETFD = 1;
 export const F_SETFD = 2;
 export const F_GETFL = 3;
 export const F_SETFL = 4;
+/** Pipe capacity in bytes (Linux): set rounds up to a power-of-two number of pages; get returns it. */
+export const F_SETPIPE_SZ = 1031;
+export const F_GETPIPE_SZ = 1032;
 export const FD_CLOEXEC = 1;
 export const O_NONBLOCK = 0o4000;
 export const SOL_SOCKET = 1;

@@ -253,8 +253,8 @@ static void completed(rbd_completion_t c, void *arg) {
   L.rbd_aio_release(c);
   // A request moves at most seg_max * size_max bytes (126 MiB), so the result fits.
   int32_t rec[2] = {(int32_t)(uint32_t)a, rc > INT32_MAX ? INT32_MAX : rc < INT32_MIN ? INT32_MIN : (int32_t)rc};
-  // An 8-byte write to a pipe is atomic; the reader is non-blocking and the
-  // pipe holds far more records than a queue has in flight.
+  // An 8-byte write to a pipe is atomic. It cannot find the pipe full: RbdIo
+  // starts no more requests than the pipe holds records.
   ssize_t n = write((int)(a >> 32), rec, sizeof rec);
   (void)n;
 }

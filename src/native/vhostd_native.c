@@ -669,8 +669,8 @@ static napi_value js_page_size(napi_env env, napi_callback_info info) {
   return make_int(env, sysconf(_SC_PAGESIZE));
 }
 
-// fcntl(fd, cmd, arg) -> result or -errno. For F_GETFL/F_SETFL/F_GETFD/F_SETFD
-// on a socket handed over by the service manager or the caller.
+// fcntl(fd, cmd, arg) -> result or -errno, for commands with an int argument
+// (F_GETFL/F_SETFL/F_GETFD/F_SETFD, F_GETPIPE_SZ/F_SETPIPE_SZ).
 static napi_value js_fcntl(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   int32_t fd, cmd, arg;

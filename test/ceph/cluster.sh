@@ -84,6 +84,8 @@ osd pool default pg num = 8
 osd pool default pgp num = 8
 osd crush chooseleaf type = 0
 paxos propose interval = 0.1
+# HEALTH_WARN below 30% free by default: a host's disk that full says nothing about this cluster.
+mon data avail warn = 2
 # A killed client's exclusive lock is broken once its watch lapses: 5 s, not 30.
 osd client watch timeout = 5
 keyring = $KEYRING

@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes, S, SECTOR, T } from '../driver/blk.js';
 import type { Session } from '../driver/session.js';
 import { startCluster, type Cluster } from '../support/ceph.js';
-import { RbdImage } from '../../src/backends/blk/rbd.js';
+import { RbdImage, RbdIo } from '../../src/backends/blk/rbd.js';
 import { VHOSTD_BIN } from '../support/children.js';
 import { availableKinds, startBackend, type Backend } from './backends.js';
 import { expectBytes, isZero, waitFor, withSession } from './helpers.js';
@@ -160,6 +160,44 @@ describe('blk on an RBD image', { timeout: 180_000 }, () => {
       expect(await call((cb) => img.io.read(MiB, [small], cb))).toBeNull();
       expectBytes(small, data, 'one view over the same bytes');
     } finally {
+      img.close();
+    }
+  });
+
+  it('RbdIo in-process: more requests in flight than the completion pipe holds; the pipe grows to its limit, then requests wait, and none is lost', async () => {
+    const spec = await cluster.createImage('pipe', IMAGE);
+    const img = new RbdImage({ spec, conf: cluster.conf, readonly: false, timeoutS: 30 });
+    const small = new RbdIo(img.files.rbd!, 4096);
+    const grows = new RbdIo(img.files.rbd!);
+    const call = (fn: (cb: (err: Error | null) => void) => void): Promise<Error | null> => new Promise((r) => fn(r));
+    try {
+      const data = randomBytes(4096);
+      expect(await call((cb) => small.write(0, [data], true, cb))).toBeNull();
+      // A one-page pipe holds 512 records: 4 times that at once, in two rounds (slots reused, no growth).
+      expect(small.pipeRecords).toBe(512);
+      let rss = 0;
+      for (let round = 0; round < 2; round++) {
+        const bufs = Array.from({ length: 2048 }, () => new Uint8Array(512));
+        const pending = bufs.map((b, i) => call((cb) => small.read((i % 8) * 512, [b], cb)));
+        expect(small.inFlight).toBe(2048);
+        const errs = await Promise.all(pending);
+        expect(errs.filter((e) => e !== null)).toEqual([]);
+        expect(small.inFlight).toBe(0);
+        for (let i = 0; i < bufs.length; i++) expectBytes(bufs[i]!, data.subarray((i % 8) * 512, (i % 8) * 512 + 512), `request ${i}`);
+        if (round === 0) rss = process.memoryUsage().rss;
+      }
+      expect(small.pipeRecords, 'the pipe stayed at its limit').toBe(512);
+      expect(process.memoryUsage().rss - rss, 'the second round reused the first round\'s slots').toBeLessThan(32 * MiB);
+      // Past the default pipe's 8192 records, the pipe doubles instead.
+      const start = grows.pipeRecords;
+      const n = 2 * start + 1;
+      const errs = await Promise.all(Array.from({ length: n }, (_, i) => call((cb) => grows.read((i % 8) * 512, [new Uint8Array(512)], cb))));
+      expect(errs.filter((e) => e !== null)).toEqual([]);
+      expect(grows.inFlight).toBe(0);
+      expect(grows.pipeRecords).toBeGreaterThanOrEqual(n);
+    } finally {
+      small.close();
+      grows.close();
       img.close();
     }
   });

@@ -9,6 +9,8 @@ import {
   EAGAIN,
   EFD_CLOEXEC,
   EFD_NONBLOCK,
+  F_GETPIPE_SZ,
+  F_SETPIPE_SZ,
   O_CLOEXEC,
   O_NONBLOCK,
   POLL_READABLE,
@@ -158,12 +160,33 @@ export class RbdImage {
 /** iovecs a slot holds: seg_max (126) plus header, status and slack. A longer request brings its own. */
 const IOV_SLOTS = 130;
 
+/** Bytes of one {slot, result} record in the completion pipe. */
+const RECORD = 8;
+/** The pipe grows no further than Linux lets an unprivileged process (fs.pipe-max-size's default): 131072 records. */
+export const RBD_PIPE_MAX_BYTES = 1 << 20;
+
+/** A request waiting for room in the pipe. */
+interface Waiting {
+  op: number;
+  offset: number;
+  iov: Uint8Array[] | undefined;
+  length: number;
+  expect: number;
+  cb: (err: Error | null) => void;
+}
+
 /**
  * One thread's I/O on a shared image handle. Each request in flight holds a
  * numbered slot (its callback, what a read must return, and its iovec array,
  * all reused); librbd writes {slot, result} into this thread's pipe, and reap()
  * (called when the pipe is readable, and by busy-polling) finishes them here.
  * Nothing per request is allocated once the slots exist.
+ *
+ * librbd's thread cannot wait for room, so a record that met a full pipe
+ * would be lost and its request would never finish. No more requests are
+ * started than the pipe holds: past that the pipe doubles, up to
+ * `pipeLimitBytes`, and beyond it requests wait here, in order, for
+ * completions (many queues on one thread can get there: 64 queues of 1024).
  */
 export class RbdIo implements ImageIo {
   private readonly rfd: number;
@@ -176,20 +199,49 @@ export class RbdIo implements ImageIo {
   private readonly iovWords: Uint32Array[] = [];
   private readonly iovAddr: number[] = [];
   private readonly oversized: (Uint32Array | undefined)[] = [];
+  /** Per slot: the buffers librbd reads or writes, kept alive until it is done with them. */
+  private readonly views: (Uint8Array[] | undefined)[] = [];
   private readonly freeSlots: number[] = [];
   private busy = 0;
   /** Records read from the pipe: slot (u32), result (i32). */
   private readonly done = new Int32Array(2 * 512);
   private readonly doneSlots = new Uint32Array(this.done.buffer);
   private closed = false;
+  /** Records the pipe holds: the most requests in flight with librbd. */
+  private capacity: number;
+  private readonly waiting: Waiting[] = [];
 
-  constructor(private readonly image: bigint) {
+  constructor(
+    private readonly image: bigint,
+    private readonly pipeLimitBytes = RBD_PIPE_MAX_BYTES,
+  ) {
     [this.rfd, this.wfd] = native.pipe2(O_NONBLOCK | O_CLOEXEC);
+    let bytes = native.fcntl(this.wfd, F_GETPIPE_SZ, 0);
+    if (bytes > pipeLimitBytes) bytes = native.fcntl(this.wfd, F_SETPIPE_SZ, pipeLimitBytes);
+    if (bytes < 0) throw new Error(`rbd completion pipe: ${errnoName(-bytes)}`);
+    this.capacity = bytes / RECORD;
     this.watchHandle = native.watch(this.rfd, POLL_READABLE, () => this.reap());
   }
 
+  /** Requests with librbd, and those waiting for room in the pipe. */
   get inFlight(): number {
-    return this.busy;
+    return this.busy + this.waiting.length;
+  }
+
+  /** Records the completion pipe holds now. */
+  get pipeRecords(): number {
+    return this.capacity;
+  }
+
+  /** Whether one more request fits in the pipe, doubling it when it is full and may grow. */
+  private room(): boolean {
+    if (this.busy < this.capacity) return true;
+    const want = 2 * this.capacity * RECORD;
+    if (want > this.pipeLimitBytes) return false;
+    const got = native.fcntl(this.wfd, F_SETPIPE_SZ, want);
+    if (got < 0) return false;
+    this.capacity = got / RECORD;
+    return this.busy < this.capacity;
   }
 
   private slot(): number {
@@ -202,10 +254,19 @@ export class RbdIo implements ImageIo {
     this.expect.push(-1);
     this.ops.push(0);
     this.oversized.push(undefined);
+    this.views.push(undefined);
     return this.iovWords.length - 1;
   }
 
   private start(op: number, offset: number, iov: Uint8Array[] | undefined, length: number, expect: number, cb: (err: Error | null) => void): void {
+    if (this.waiting.length || !this.room()) {
+      this.waiting.push({ op, offset, iov, length, expect, cb });
+      return;
+    }
+    this.issue(op, offset, iov, length, expect, cb);
+  }
+
+  private issue(op: number, offset: number, iov: Uint8Array[] | undefined, length: number, expect: number, cb: (err: Error | null) => void): void {
     const slot = this.slot();
     const n = iov?.length ?? 0;
     let words = this.iovWords[slot]!;
@@ -224,6 +285,7 @@ export class RbdIo implements ImageIo {
       return microtask(() => cb(err));
     }
     this.cbs[slot] = cb;
+    this.views[slot] = iov;
     this.expect[slot] = expect;
     this.ops[slot] = op;
     this.busy++;
@@ -252,9 +314,17 @@ export class RbdIo implements ImageIo {
     this.start(RBD_OP_WRITE_ZEROES, offset, undefined, length, -1, durable ? (e) => (e ? cb(e) : this.flush(cb)) : cb);
   }
 
-  /** Finish every request librbd reported so far. */
+  /** Finish every request librbd reported so far, then start those that waited for room. */
   reap(): void {
     if (this.closed) return;
+    this.reapPipe();
+    while (this.waiting.length && this.busy < this.capacity) {
+      const w = this.waiting.shift()!;
+      this.issue(w.op, w.offset, w.iov, w.length, w.expect, w.cb);
+    }
+  }
+
+  private reapPipe(): void {
     for (;;) {
       const n = native.read(this.rfd, this.done);
       if (n === -EAGAIN || n <= 0) return;
@@ -264,6 +334,7 @@ export class RbdIo implements ImageIo {
         const cb = this.cbs[slot];
         if (!cb) continue; // not ours: nothing to finish
         this.cbs[slot] = undefined;
+        this.views[slot] = undefined;
         this.oversized[slot] = undefined;
         this.freeSlots.push(slot);
         this.busy--;
