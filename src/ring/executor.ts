@@ -536,6 +536,11 @@ export class QueueExecutor {
     }
   }
 
+  /** The handler took its share of this turn: serve the loop's other work, then run again. */
+  yieldTurn(): void {
+    this.budgetHit = true;
+  }
+
   /** Send the call for what completed so far now, rather than as the callback returns. */
   notifyNow(): void {
     if (this.notifyPending) this.flushNotify();

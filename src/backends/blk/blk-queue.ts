@@ -129,7 +129,8 @@ class BlkQueueServer implements QueueHandler {
   }
 
   run(): RunResult {
-    let half = 0; // known once MIN_CHUNK chains are taken (QD1 never asks)
+    let batch = 0; // what the run saw once MIN_CHUNK chains were taken (QD1 never asks)
+    let half = 0;
     for (let taken = 1; ; taken++) {
       const r = this.free.pop() ?? new Request(this, this.done);
       if (!this.exec.pop(r.chain)) {
@@ -140,11 +141,20 @@ class BlkQueueServer implements QueueHandler {
       this.handle(r);
       // Half a batch goes to the image and back to the driver before the other
       // half is taken, so the driver reaps and refills meanwhile instead of
-      // waiting for the whole batch (4k randread QD32: 1.3-2x IOPS).
-      if (taken === MIN_CHUNK) half = Math.max(MIN_CHUNK, (taken + this.exec.available() + 1) >>> 1);
+      // waiting for the whole batch (4k randread QD32: 1.3-2x IOPS). What it
+      // refills can keep a run going, so after twice the batch it yields:
+      // another queue on this thread would starve otherwise.
+      if (taken === MIN_CHUNK) {
+        batch = taken + this.exec.available();
+        half = Math.max(MIN_CHUNK, (batch + 1) >>> 1);
+      }
       if (half && taken % half === 0) {
         this.io.submit();
         this.exec.notifyNow();
+        if (taken >= 2 * batch) {
+          this.exec.yieldTurn();
+          return 'idle';
+        }
       }
     }
   }
