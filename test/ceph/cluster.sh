@@ -27,18 +27,30 @@ close_fds() {
     done
 }
 
+# Running, not a zombie: where PID 1 does not reap, a daemon that exited stays
+# one, and kill -0 would keep the wait below going for its full 5 s.
+running() {
+    local st
+    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $st && ${st%% *} != Z ]]
+}
+
 stop() {
     local pid f
     [[ -d $DIR/run ]] || { rm -rf "$DIR"; return 0; }
-    for f in "$DIR"/run/*.pid; do
+    # The OSD first: it tells the monitor it is going down, and with no monitor
+    # left it waits osd_mon_shutdown_timeout (5 s) for the answer.
+    for f in "$DIR"/run/osd.*.pid "$DIR"/run/mgr.*.pid "$DIR"/run/mon.*.pid; do
         [[ -f $f ]] || continue
         pid=$(cat "$f")
         kill "$pid" 2>/dev/null || true
+        [[ $f == */osd.* ]] || continue
+        for _ in $(seq 30); do running "$pid" || break; sleep 0.1; done
     done
     for _ in $(seq 50); do
         local alive=0
         for f in "$DIR"/run/*.pid; do
-            [[ -f $f ]] && kill -0 "$(cat "$f")" 2>/dev/null && alive=1
+            [[ -f $f ]] && running "$(cat "$f")" && alive=1
         done
         [[ $alive == 0 ]] && break
         sleep 0.1
