@@ -163,7 +163,7 @@ const IOV_SLOTS = 130;
 /** Bytes of one {slot, result} record in the completion pipe. */
 const RECORD = 8;
 /** The pipe grows no further than Linux lets an unprivileged process (fs.pipe-max-size's default): 131072 records. */
-export const RBD_PIPE_MAX_BYTES = 1 << 20;
+const RBD_PIPE_MAX_BYTES = 1 << 20;
 
 /** A request waiting for room in the pipe. */
 interface Waiting {
@@ -185,8 +185,10 @@ interface Waiting {
  * librbd's thread cannot wait for room, so a record that met a full pipe
  * would be lost and its request would never finish. No more requests are
  * started than the pipe holds: past that the pipe doubles, up to
- * `pipeLimitBytes`, and beyond it requests wait here, in order, for
- * completions (many queues on one thread can get there: 64 queues of 1024).
+ * `pipeLimitBytes` (many queues on one thread outgrow the default 8192
+ * records: 64 queues of 1024 hold 65536), and when it may not grow (the
+ * limit, or the kernel's pipe-max-size and per-user pipe pages) requests
+ * wait here, in order, for completions.
  */
 export class RbdIo implements ImageIo {
   private readonly rfd: number;
@@ -209,7 +211,9 @@ export class RbdIo implements ImageIo {
   private closed = false;
   /** Records the pipe holds: the most requests in flight with librbd. */
   private capacity: number;
-  private readonly waiting: Waiting[] = [];
+  /** Requests waiting for room, oldest at waitHead. */
+  private readonly waiting: (Waiting | undefined)[] = [];
+  private waitHead = 0;
 
   constructor(
     private readonly image: bigint,
@@ -225,7 +229,7 @@ export class RbdIo implements ImageIo {
 
   /** Requests with librbd, and those waiting for room in the pipe. */
   get inFlight(): number {
-    return this.busy + this.waiting.length;
+    return this.busy + this.waiting.length - this.waitHead;
   }
 
   /** Records the completion pipe holds now. */
@@ -259,7 +263,7 @@ export class RbdIo implements ImageIo {
   }
 
   private start(op: number, offset: number, iov: Uint8Array[] | undefined, length: number, expect: number, cb: (err: Error | null) => void): void {
-    if (this.waiting.length || !this.room()) {
+    if (this.waitHead < this.waiting.length || !this.room()) {
       this.waiting.push({ op, offset, iov, length, expect, cb });
       return;
     }
@@ -318,9 +322,15 @@ export class RbdIo implements ImageIo {
   reap(): void {
     if (this.closed) return;
     this.reapPipe();
-    while (this.waiting.length && this.busy < this.capacity) {
-      const w = this.waiting.shift()!;
+    // An index, not shift(): tens of thousands may wait, and shift() moves them all each time.
+    while (this.waitHead < this.waiting.length && this.busy < this.capacity) {
+      const w = this.waiting[this.waitHead]!;
+      this.waiting[this.waitHead++] = undefined;
       this.issue(w.op, w.offset, w.iov, w.length, w.expect, w.cb);
+    }
+    if (this.waitHead === this.waiting.length) {
+      this.waiting.length = 0;
+      this.waitHead = 0;
     }
   }
 
