@@ -7,7 +7,7 @@ import { readdirSync, readFileSync, readlinkSync, statSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { S, T } from '../driver/blk.js';
 import { ftrace, type TraceEvent } from '../support/ftrace.js';
-import { useBackend, withSession } from './helpers.js';
+import { useBackend, waitFor, withSession } from './helpers.js';
 
 const O_DSYNC = 0o10000;
 
@@ -59,8 +59,11 @@ describe.each([
 ] as const)('durability with --aio %s%s (ext4 tracepoints)', (aio, where) => {
   const be = useBackend('vhostd', { numQueues: 1, extraArgs: ['--aio', aio, ...(where ? ['--threads', '1'] : [])] });
 
-  it('runs on the engine asked for', () => {
-    expect(be().output()).toMatch(new RegExp(`"aio":"${aio}"`));
+  it('runs on the engine asked for', async () => {
+    const re = new RegExp(`"aio":"${aio}"`);
+    // The start-up waited only for the QEMU line; the log comes through another pipe and may trail it.
+    await waitFor(() => re.test(be().output()), `"aio":"${aio}" in the log`);
+    expect(be().output()).toMatch(re);
   });
 
   it('completes FLUSH only after an fdatasync of the image has returned', async () => {
