@@ -4,8 +4,9 @@
 // A test process that exits kills its live children. One that dies hard
 // (SIGSEGV, OOM kill) never runs its exit hooks, so each child also gets a
 // record file naming its pid, its owner and its temp dir; the next test run
-// kills and removes what a dead owner left behind.
-import type { ChildProcess } from 'node:child_process';
+// kills and removes what a dead owner left behind. Daemons that detach (the
+// test Ceph cluster) are recorded with the command that stops them instead.
+import { spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -18,9 +19,11 @@ export const VHOSTD_BIN = process.env.VHOSTD_BIN ?? join(ROOT, 'dist', 'daemon.j
 const REGISTRY = join(tmpdir(), 'vhostd-proto-registry');
 
 interface ChildRecord {
-  pid: number;
+  /** A child process; absent for detached daemons, which have `stop`. */
+  pid?: number;
   owner: number;
   dir: string;
+  stop?: string[];
 }
 
 function alive(pid: number): boolean {
@@ -33,23 +36,36 @@ function alive(pid: number): boolean {
 }
 
 const live = new Set<ChildProcess>();
+/** Detached daemons by record path: what stops them, and the dir to remove. */
+const detached = new Map<string, ChildRecord>();
 let hooked = false;
+let detachedCount = 0;
+
+function hookExit(): void {
+  if (hooked) return;
+  hooked = true;
+  // Last resort when a test run ends without reaching its cleanup.
+  process.on('exit', () => {
+    for (const p of live) {
+      try {
+        p.kill('SIGKILL');
+      } catch {
+        /* gone */
+      }
+    }
+    for (const [record, r] of detached) stopDetached(record, r);
+  });
+}
+
+function stopDetached(record: string, r: ChildRecord): void {
+  spawnSync(r.stop![0]!, r.stop!.slice(1), { stdio: 'ignore', timeout: 60_000 });
+  rmSync(r.dir, { recursive: true, force: true });
+  rmSync(record, { force: true });
+}
 
 /** Kill a child when this process exits, and record it with its temp dir; returns the record's path, for forget(). */
 export function remember(proc: ChildProcess, dir: string): string {
-  if (!hooked) {
-    hooked = true;
-    // Last resort when a test run ends without reaching its cleanup.
-    process.on('exit', () => {
-      for (const p of live) {
-        try {
-          p.kill('SIGKILL');
-        } catch {
-          /* gone */
-        }
-      }
-    });
-  }
+  hookExit();
   live.add(proc);
   proc.once('exit', () => live.delete(proc));
   const pid = proc.pid;
@@ -59,7 +75,23 @@ export function remember(proc: ChildProcess, dir: string): string {
   return record;
 }
 
+/**
+ * Daemons that detach, so no exit of theirs reaches this process: `stop` runs
+ * (synchronously) and `dir` is removed when this process exits, or by the next
+ * reapOrphans() if it dies hard. Returns the record's path, for forget().
+ */
+export function rememberDetached(dir: string, stop: string[]): string {
+  hookExit();
+  mkdirSync(REGISTRY, { recursive: true });
+  const record = join(REGISTRY, `detached-${process.pid}-${++detachedCount}.json`);
+  const r: ChildRecord = { owner: process.pid, dir, stop };
+  writeFileSync(record, JSON.stringify(r));
+  detached.set(record, r);
+  return record;
+}
+
 export function forget(record: string): void {
+  detached.delete(record);
   rmSync(record, { force: true });
 }
 
@@ -80,9 +112,14 @@ export function reapOrphans(): void {
       continue;
     }
     if (alive(r.owner)) continue;
+    if (r.stop) {
+      stopDetached(file, r);
+      console.log(`stopped what process ${r.owner} left running: ${r.stop.join(' ')}`);
+      continue;
+    }
     try {
       // Only if the pid still runs our command line (pids get reused).
-      if (readFileSync(`/proc/${r.pid}/cmdline`, 'utf8').includes(r.dir)) process.kill(r.pid, 'SIGKILL');
+      if (r.pid !== undefined && readFileSync(`/proc/${r.pid}/cmdline`, 'utf8').includes(r.dir)) process.kill(r.pid, 'SIGKILL');
     } catch {
       /* gone */
     }
