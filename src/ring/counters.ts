@@ -55,10 +55,11 @@ export const RING_COUNTERS: CounterNames = [
 /** The histogram bucket of a latency in µs: 0 below 1 µs, then 4 per octave, the last one open. */
 export function latencyBucket(us: number): number {
   if (!(us >= 1)) return 0;
-  const e = Math.floor(Math.log2(us));
-  if (e >= 24) return LATENCY_BUCKETS - 1;
-  const sub = Math.min(3, Math.floor((us / 2 ** e - 1) * 4));
-  return 1 + 4 * e + sub;
+  if (us >= 2 ** 24) return LATENCY_BUCKETS - 1;
+  // Once per request: clz32 costs a few ns where log2 and pow cost about 100.
+  const e = 31 - Math.clz32(us);
+  const octave = 1 << e;
+  return 1 + 4 * e + (((us - octave) * 4) / octave | 0);
 }
 
 /** The upper bound of a bucket, in µs (what a percentile in it reports). */
