@@ -6,10 +6,13 @@
 // back-ends differ. `rbd bench` on the same image is the ceiling.
 // Prints a table with the vhostd / qsd ratios and writes JSON to bench/results/.
 //
-// Usage: npm run bench:blk-rbd [-- --rounds N --seconds S]
+// Usage: npm run bench:blk-rbd [-- --rounds N --seconds S --pin]
+// --pin puts the cluster's daemons on the last CPU and this process (so the
+// back-ends, the load generator and `rbd bench`) on the others: on a small
+// machine the OSD otherwise competes with the back-end it is measuring.
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -19,7 +22,9 @@ import { buildLoadgen, runLoadgen, type LoadgenResult, type Rw } from './blk-bac
 import { median } from './stats.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
-const { values } = parseArgs({ options: { rounds: { type: 'string', default: '3' }, seconds: { type: 'string', default: '5' } } });
+const { values } = parseArgs({
+  options: { rounds: { type: 'string', default: '3' }, seconds: { type: 'string', default: '5' }, pin: { type: 'boolean', default: false } },
+});
 const rounds = Number(values.rounds);
 const seconds = Number(values.seconds);
 const IMAGE = 256 << 20;
@@ -33,6 +38,7 @@ const WORKLOADS: { name: string; rw: Rw; qd: number }[] = [
 async function main(): Promise<void> {
   buildLoadgen();
   const cluster = await startCluster();
+  if (values.pin) pin(cluster.dir);
   const dir = mkdtempSync(join(tmpdir(), 'vhostd-bench-rbd-'));
   try {
     const spec = await cluster.createImage('bench', IMAGE);
@@ -99,12 +105,24 @@ async function main(): Promise<void> {
     const out = join(ROOT, 'bench', 'results');
     mkdirSync(out, { recursive: true });
     const file = join(out, `blk-rbd-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
-    writeFileSync(file, JSON.stringify({ rounds, seconds, rows, samples, ceiling, ceph: execFileSync('ceph', ['--version']).toString().trim() }, null, 2));
+    writeFileSync(file, JSON.stringify({ rounds, seconds, pinned: values.pin, rows, samples, ceiling, ceph: execFileSync('ceph', ['--version']).toString().trim() }, null, 2));
     console.error(`wrote ${file}`);
   } finally {
     rmSync(dir, { recursive: true, force: true });
     await cluster.stop();
   }
+}
+
+function pin(clusterDir: string): void {
+  const last = cpus().length - 1;
+  if (last < 1) throw new Error('--pin needs two CPUs');
+  const run = join(clusterDir, 'run');
+  for (const f of readdirSync(run).filter((n) => n.endsWith('.pid'))) {
+    const pid = readFileSync(join(run, f), 'utf8').trim();
+    execFileSync('taskset', ['-a', '-p', '-c', String(last), pid], { stdio: 'ignore' });
+  }
+  execFileSync('taskset', ['-a', '-p', '-c', `0-${last - 1}`, String(process.pid)], { stdio: 'ignore' });
+  console.error(`pinned: Ceph daemons on CPU ${last}, back-ends and load generator on 0-${last - 1}`);
 }
 
 main().catch((e) => {
