@@ -38,9 +38,9 @@ const WORKLOADS: { name: string; rw: Rw; qd: number }[] = [
 async function main(): Promise<void> {
   buildLoadgen();
   const cluster = await startCluster();
-  if (values.pin) pin(cluster.dir);
   const dir = mkdtempSync(join(tmpdir(), 'vhostd-bench-rbd-'));
   try {
+    if (values.pin) pin(cluster.dir);
     const spec = await cluster.createImage('bench', IMAGE);
     // Written all over, so reads fetch real objects.
     await cluster.rbd('bench', '--io-type', 'write', '--io-size', '4M', '--io-threads', '4', '--io-total', String(IMAGE), '--io-pattern', 'seq', spec);
@@ -77,9 +77,11 @@ async function main(): Promise<void> {
     const rows = WORKLOADS.map((w) => {
       const of = (b: string): LoadgenResult[] => samples.filter((s) => s.workload === w.name && s.backend === b).map((s) => s.r);
       const [vs, qs] = [of('vhostd'), of('qsd')];
-      const m = (xs: LoadgenResult[], f: (r: LoadgenResult) => number): number => median(xs.map(f));
-      const v = { iops: m(vs, (r) => r.iops), cpu: m(vs, (r) => r.backend_cpu_us_per_io), p99: m(vs, (r) => r.lat_us.p99) };
-      const q = { iops: m(qs, (r) => r.iops), cpu: m(qs, (r) => r.backend_cpu_us_per_io), p99: m(qs, (r) => r.lat_us.p99) };
+      const summary = (xs: LoadgenResult[]): { iops: number; cpu: number; p99: number } => ({
+        iops: median(xs.map((r) => r.iops)),
+        cpu: median(xs.map((r) => r.backend_cpu_us_per_io)),
+        p99: median(xs.map((r) => r.lat_us.p99)),
+      });
       // The OSD's speed drifts from round to round by more than the back-ends differ, so each
       // round's pair (run back to back) gives one ratio, and the table shows their median and range.
       const ratios = (f: (r: LoadgenResult) => number): number[] => vs.map((r, i) => f(r) / f(qs[i]!));
@@ -90,7 +92,7 @@ async function main(): Promise<void> {
         cpu: median(cpuRatios), cpuMin: Math.min(...cpuRatios), cpuMax: Math.max(...cpuRatios),
         vhostdAhead: iopsRatios.filter((x) => x >= 1).length,
       };
-      return { workload: w.name, vhostd: v, qsd: q, paired, ceiling: ceiling[w.name] };
+      return { workload: w.name, vhostd: summary(vs), qsd: summary(qs), paired, ceiling: ceiling[w.name] };
     });
     const x = (n: number): string => `${n.toFixed(2)}x`;
     const md = [

@@ -32,10 +32,11 @@ export async function startCluster(): Promise<Cluster> {
   reapOrphans();
   const parent = mkdtempSync(join(tmpdir(), 'vhostd-ceph-'));
   const dir = join(parent, 'cluster');
-  const record = rememberDetached(parent, ['bash', CLUSTER, 'stop', dir]);
+  const stop = ['bash', CLUSTER, 'stop', dir] as const;
+  const record = rememberDetached(parent, [...stop]);
   const teardown = async (): Promise<void> => {
     forget(record);
-    await run('bash', [CLUSTER, 'stop', dir], { timeout: 60_000 }).catch(() => undefined);
+    await run(stop[0], stop.slice(1), { timeout: 60_000 }).catch(() => undefined);
     rmSync(parent, { recursive: true, force: true });
   };
   const started = Date.now();
